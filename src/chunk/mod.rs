@@ -1,0 +1,1 @@
+pub type Cv = [u8; 32];

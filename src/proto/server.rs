@@ -1,0 +1,191 @@
+//! Server side of the protocol, sans-IO: authenticates datagrams, keeps sessions, and frames
+//! responses into pieces. Request handling itself (the filesystem) lives in `serve`.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use rand::{rngs::StdRng, RngCore, SeedableRng};
+
+use super::frame::{self, Missing, RESP_HDR};
+use super::session::{handshake_key, ReplayWindow, SessionKeys};
+use super::wire::{self, Header, Kind, HEADER_LEN, MAC_LEN, MAX_DATAGRAM, MIN_DATAGRAM};
+
+/// At most this many sessions are remembered; the least recently used is forgotten first (its
+/// client then gets STALE_SESSION and shakes hands again).
+pub const MAX_SESSIONS: usize = 4096;
+
+pub struct Session {
+    pub id: u64,
+    keys: SessionKeys,
+    piece: usize,
+    pn: AtomicU64,
+    replay: Mutex<ReplayWindow>,
+}
+
+/// A run of datagrams of equal size `seg` (the last may be shorter) laid end to end, ready for one
+/// segmentation-offload send.
+pub struct Burst {
+    pub buf: Vec<u8>,
+    pub seg: usize,
+}
+
+impl Session {
+    /// Frame `resp` as pieces; only the `missing` ranges when the client asked for a repair.
+    pub fn encode_response(&self, req_id: u64, resp: &[u8], missing: &[Missing]) -> Burst {
+        let total = resp.len();
+        let count = total.div_ceil(self.piece).max(1);
+        let seg = HEADER_LEN + RESP_HDR + self.piece.min(total.max(1)) + MAC_LEN;
+        let mut buf = Vec::with_capacity(count.min(4096) * seg);
+        let emit = |i: usize, buf: &mut Vec<u8>| {
+            let off = i * self.piece;
+            let end = (off + self.piece).min(total);
+            let pn = self.pn.fetch_add(1, Ordering::Relaxed);
+            let start = buf.len();
+            Header { kind: Kind::Response, session: self.id, pn }.encode(buf);
+            frame::encode_piece_header(buf, req_id, total as u32, self.piece as u16, i as u16);
+            buf.extend_from_slice(&resp[off..end]);
+            let tag = wire::mac(&self.keys.s2c, &buf[start..]);
+            buf.extend_from_slice(&tag);
+        };
+        if missing.is_empty() {
+            for i in 0..count {
+                emit(i, &mut buf);
+            }
+        } else {
+            for m in missing {
+                let end = (m.start as usize + m.len as usize).min(count);
+                for i in m.start as usize..end {
+                    emit(i, &mut buf);
+                }
+            }
+        }
+        Burst { buf, seg }
+    }
+}
+
+/// What an incoming datagram asks of the application.
+pub enum Input {
+    /// An authenticated request.
+    Request { session: Arc<Session>, id: u64, missing: Vec<Missing>, body: Vec<u8> },
+    /// Send this datagram back to the sender (handshake answer, REJECT, STALE_SESSION).
+    Reply(Vec<u8>),
+}
+
+pub struct Server {
+    psk: [u8; 32],
+    hs_key: [u8; 32],
+    rng: StdRng,
+    sessions: LruCache<u64, Arc<Session>>,
+    /// Token bucket for unauthenticated answers (REJECT / STALE_SESSION).
+    tokens: f64,
+    last_refill: Option<Instant>,
+    pub bad_mac: u64,
+    pub replays: u64,
+}
+
+const UNAUTH_PER_SEC: f64 = 200.0;
+
+impl Server {
+    pub fn new(psk: [u8; 32], seed: u64) -> Self {
+        Server {
+            psk,
+            hs_key: handshake_key(&psk),
+            rng: StdRng::seed_from_u64(seed),
+            sessions: LruCache::new(NonZeroUsize::new(MAX_SESSIONS).unwrap()),
+            tokens: UNAUTH_PER_SEC,
+            last_refill: None,
+            bad_mac: 0,
+            replays: 0,
+        }
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn unauth_allowed(&mut self, now: Instant) -> bool {
+        let dt = self.last_refill.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.last_refill = Some(now);
+        self.tokens = (self.tokens + dt.as_secs_f64() * UNAUTH_PER_SEC).min(UNAUTH_PER_SEC);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn handle(&mut self, now: Instant, d: &[u8]) -> Option<Input> {
+        let h = Header::decode(d)?;
+        match h.kind {
+            Kind::Hello => self.on_hello(now, d),
+            Kind::Request => {
+                let Some(s) = self.sessions.get(&h.session).cloned() else {
+                    // Unknown session (we restarted, or forgot it): tell the client, with fewer
+                    // bytes than it sent, so it shakes hands again.
+                    if !self.unauth_allowed(now) {
+                        return None;
+                    }
+                    let mut r = Vec::with_capacity(HEADER_LEN);
+                    Header { kind: Kind::StaleSession, session: h.session, pn: 0 }.encode(&mut r);
+                    return (r.len() <= d.len()).then_some(Input::Reply(r));
+                };
+                let Some(body) = wire::open(&s.keys.c2s, d) else {
+                    self.bad_mac += 1;
+                    return None;
+                };
+                if !s.replay.lock().unwrap().accept(h.pn) {
+                    self.replays += 1;
+                    return None;
+                }
+                let f = frame::decode_request(&body[HEADER_LEN..])?;
+                Some(Input::Request { session: s, id: f.id, missing: f.missing, body: f.body.to_vec() })
+            }
+            _ => None,
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, d: &[u8]) -> Option<Input> {
+        if d.len() < MIN_DATAGRAM {
+            return None;
+        }
+        let Some(body) = wire::open(&self.hs_key, d) else {
+            self.bad_mac += 1;
+            // Wrong key: say so (rate-limited, smaller than the HELLO, echoing its nonce) so the
+            // client can print a clear message instead of timing out.
+            if !self.unauth_allowed(now) {
+                return None;
+            }
+            let mut r = Vec::with_capacity(HEADER_LEN + 32);
+            Header { kind: Kind::Reject, session: 0, pn: 0 }.encode(&mut r);
+            r.extend_from_slice(&d[HEADER_LEN..HEADER_LEN + 32]);
+            return Some(Input::Reply(r));
+        };
+        let b = &body[HEADER_LEN..];
+        let client_nonce: [u8; 32] = b[..32].try_into().ok()?;
+        let max_dgram = (u16::from_le_bytes([b[32], b[33]]) as usize).clamp(MIN_DATAGRAM, MAX_DATAGRAM);
+        let mut server_nonce = [0u8; 32];
+        self.rng.fill_bytes(&mut server_nonce);
+        let id = loop {
+            let id = self.rng.next_u64();
+            if id != 0 && !self.sessions.contains(&id) {
+                break id;
+            }
+        };
+        let keys = SessionKeys::derive(&self.psk, &client_nonce, &server_nonce, id);
+        let piece = max_dgram - HEADER_LEN - RESP_HDR - MAC_LEN;
+        self.sessions.put(
+            id,
+            Arc::new(Session { id, keys, piece, pn: AtomicU64::new(0), replay: Mutex::new(ReplayWindow::new()) }),
+        );
+        let mut r = Vec::with_capacity(HEADER_LEN + 64 + MAC_LEN);
+        Header { kind: Kind::HelloAck, session: id, pn: 0 }.encode(&mut r);
+        r.extend_from_slice(&client_nonce);
+        r.extend_from_slice(&server_nonce);
+        wire::seal(&self.hs_key, &mut r);
+        Some(Input::Reply(r))
+    }
+}

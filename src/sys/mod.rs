@@ -1,0 +1,7 @@
+//! Thin, safe adapters over the kernel interfaces wraith needs. Every `unsafe` block of the crate
+//! lives under this module and carries a `// SAFETY:` comment; callers only see safe functions.
+//! No domain policy here: errors stay `io::Error`, attributes stay raw stat fields.
+#![allow(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod fs;
