@@ -15,3 +15,4 @@ pub mod sys;
 pub mod transport;
 pub mod types;
 pub mod cli;
+pub mod logging;

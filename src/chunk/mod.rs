@@ -1,1 +1,192 @@
+//! Chunking and BLAKE3 verification. Pure: no I/O.
+//!
+//! A file is cut into chunks of `2^chunk_log2` bytes (at least one BLAKE3 chunk of 1 KiB). Because the
+//! chunk size is a power of two, every full chunk is a complete subtree of the file's BLAKE3 tree, the
+//! last (possibly short) chunk is the rest of the tree's right spine, and the tree over chunks is itself
+//! left-balanced: a node over `len >= 2` leaves has a left child over the largest power of two strictly
+//! less than `len`. The root computed from the chunk chaining values therefore equals `b3sum FILE`.
+//!
+//! Vocabulary used throughout:
+//! - *leaf*: one chunk; its CV ([`chunk_cv`]) is the non-root chaining value of its bytes at its offset.
+//! - *aligned subtree* `(level, index)`: the complete subtree over leaves `[index << level, (index + 1) << level)`.
+//!   These are the nodes a server stores ([`NodeSource`]); every other node of the tree lies on the right
+//!   spine and is computed by merging stored ones.
+//! - [`VerifiedChunk`]: bytes that were hashed and matched; the only thing the cache and readers accept.
+
+mod tree;
+
+pub use tree::{level_len, n_levels, prove, root, verify_leaves, MemTree, NodeSource, TreeBuilder};
+
+use blake3::hazmat::HasherExt;
+use std::fmt;
+use std::sync::Arc;
+
+/// A BLAKE3 chaining value (of a chunk or a subtree).
 pub type Cv = [u8; 32];
+
+/// 1 KiB: one BLAKE3 chunk.
+pub const MIN_CHUNK_LOG2: u8 = 10;
+/// 16 MiB.
+pub const MAX_CHUNK_LOG2: u8 = 24;
+/// 256 KiB.
+pub const DEFAULT_CHUNK_LOG2: u8 = 18;
+
+/// How a file of `size` bytes is cut into chunks of `2^chunk_log2` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub size: u64,
+    pub chunk_log2: u8,
+}
+
+impl Geometry {
+    /// `BadGeometry` unless `MIN_CHUNK_LOG2 <= chunk_log2 <= MAX_CHUNK_LOG2`.
+    pub fn new(size: u64, chunk_log2: u8) -> Result<Self, ChunkError> {
+        if !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&chunk_log2) {
+            return Err(ChunkError::BadGeometry);
+        }
+        Ok(Geometry { size, chunk_log2 })
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        1u64 << self.chunk_log2
+    }
+
+    /// `max(1, ceil(size / chunk_size))`: an empty file has one empty chunk.
+    pub fn n_chunks(&self) -> u64 {
+        let full = self.size >> self.chunk_log2;
+        let partial = u64::from(self.size & (self.chunk_size() - 1) != 0);
+        (full + partial).max(1)
+    }
+
+    /// Byte offset of chunk `index` (saturates for absurd indexes instead of overflowing).
+    pub fn chunk_offset(&self, index: u64) -> u64 {
+        index.saturating_mul(self.chunk_size())
+    }
+
+    /// Length of chunk `index`: `chunk_size`, less for the last chunk, 0 for the empty file's chunk and for
+    /// indexes past the end.
+    pub fn chunk_len(&self, index: u64) -> usize {
+        let rest = self.size.saturating_sub(self.chunk_offset(index));
+        rest.min(self.chunk_size()) as usize
+    }
+}
+
+/// Why a chunk or a proof was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChunkError {
+    /// Chunk size out of range.
+    BadGeometry,
+    /// Bytes or CVs do not hash to the expected value (includes data of the wrong length).
+    Mismatch,
+    /// A proof with the wrong number of CVs, or no proven leaf CV where one is needed.
+    BadProof,
+    /// A chunk index or leaf range outside the file, or a tree too small for proofs.
+    OutOfRange,
+}
+
+impl fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ChunkError::BadGeometry => "chunk size out of range",
+            ChunkError::Mismatch => "data does not match its BLAKE3 tree",
+            ChunkError::BadProof => "malformed BLAKE3 proof",
+            ChunkError::OutOfRange => "chunk index or range outside the file",
+        })
+    }
+}
+
+impl std::error::Error for ChunkError {}
+
+/// Non-root chaining value of chunk `index` holding `data` (hazmat, input offset `index * chunk_size`).
+/// Only meaningful when `geom.n_chunks() >= 2`, where every chunk is non-empty.
+///
+/// Never panics: data that cannot be a chunk at that position (empty, longer than a chunk, or an offset
+/// past `u64`) yields the all-zero CV, which no real tree contains, so it fails any later comparison.
+pub fn chunk_cv(geom: &Geometry, index: u64, data: &[u8]) -> Cv {
+    let Some(offset) = index.checked_mul(geom.chunk_size()) else {
+        return [0; 32];
+    };
+    if data.is_empty() || data.len() as u64 > geom.chunk_size() {
+        return [0; 32];
+    }
+    blake3::Hasher::new()
+        .set_input_offset(offset)
+        .update(data)
+        .finalize_non_root()
+}
+
+/// Chunk bytes that were checked against the file's tree. [`VerifiedChunk::verify`] is the only way to
+/// make one.
+#[derive(Clone)]
+pub struct VerifiedChunk {
+    index: u64,
+    data: Arc<Vec<u8>>,
+}
+
+impl VerifiedChunk {
+    /// Check `data` as chunk `index` of the file with geometry `geom` and BLAKE3 root `root`.
+    ///
+    /// - `n_chunks >= 2`: `data` must be exactly `chunk_len(index)` bytes and its [`chunk_cv`] must equal
+    ///   `expected`, a leaf CV already proven with [`verify_leaves`] (`None` is `BadProof`).
+    /// - `n_chunks == 1`: `expected` is ignored; `blake3::hash(data)` must equal `root`.
+    ///
+    /// `OutOfRange` for an index past the end, `Mismatch` for wrong bytes or a wrong length.
+    pub fn verify(
+        geom: &Geometry,
+        root: &blake3::Hash,
+        index: u64,
+        expected: Option<&Cv>,
+        data: Vec<u8>,
+    ) -> Result<Self, ChunkError> {
+        let n = geom.n_chunks();
+        if index >= n {
+            return Err(ChunkError::OutOfRange);
+        }
+        if data.len() != geom.chunk_len(index) {
+            return Err(ChunkError::Mismatch);
+        }
+        if n == 1 {
+            if blake3::hash(&data) != *root {
+                return Err(ChunkError::Mismatch);
+            }
+        } else {
+            let expected = expected.ok_or(ChunkError::BadProof)?;
+            // blake3::Hash compares in constant time.
+            if blake3::Hash::from(chunk_cv(geom, index, &data)) != blake3::Hash::from(*expected) {
+                return Err(ChunkError::Mismatch);
+            }
+        }
+        Ok(VerifiedChunk {
+            index,
+            data: Arc::new(data),
+        })
+    }
+
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+impl fmt::Debug for VerifiedChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VerifiedChunk")
+            .field("index", &self.index)
+            .field("len", &self.data.len())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,232 @@
+//! The server: exports, safe path resolution (`export`), the persistent hash index (`index`), and
+//! the loop that feeds authenticated requests to a pool of workers.
+
 pub mod export;
+pub mod index;
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::chunk::Geometry;
+use crate::error::Error;
+use crate::proto::frame::Missing;
+use crate::proto::msg::{Request, Response};
+use crate::proto::server::{Input, Server, Session};
+use crate::transport::{RecvBufs, UdpIo};
+use crate::types::FileInfo;
+use export::{ExportSpec, Exports};
+use index::HashIndex;
+
+/// Files up to this size are hashed on the spot and travel inline with the OPEN answer.
+pub const INLINE_MAX: u64 = 64 << 10;
+/// Leaf values per CVS answer at most.
+pub const MAX_CVS: u32 = 4096;
+/// How long an OPEN waits for hashing before answering BUSY (the client asks again).
+const HASH_WAIT: Duration = Duration::from_millis(1500);
+
+pub struct ServeConfig {
+    pub exports: Vec<ExportSpec>,
+    pub listen: SocketAddr,
+    pub psk: [u8; 32],
+    pub state_dir: PathBuf,
+    pub workers: usize,
+}
+
+/// The filesystem side: answers decoded requests. No sockets here.
+pub struct Handler {
+    exports: Exports,
+    index: HashIndex,
+}
+
+impl Handler {
+    pub fn new(exports: Exports, index: HashIndex) -> Self {
+        Handler { exports, index }
+    }
+
+    fn share(&self, name: &str) -> Result<u32, Error> {
+        self.exports.share(name).ok_or(Error::NotFound)
+    }
+
+    pub fn handle(&self, req: Request) -> Response {
+        match self.try_handle(req) {
+            Ok(r) => r,
+            Err(e) => Response::Error(e),
+        }
+    }
+
+    fn try_handle(&self, req: Request) -> Result<Response, Error> {
+        Ok(match req {
+            Request::Attach { share } => {
+                let s = self.share(&share)?;
+                Response::Attached { root: self.exports.lstat(s, b"")? }
+            }
+            Request::Stat { share, path } => Response::Attr(self.exports.lstat(self.share(&share)?, &path)?),
+            Request::ReadDir { share, path, cookie, max_bytes } => {
+                let max = (max_bytes as usize).clamp(4096, 512 << 10);
+                let (entries, next) = self.exports.readdir(self.share(&share)?, &path, cookie, max)?;
+                Response::Dir { entries, next }
+            }
+            Request::ReadLink { share, path } => Response::Link(self.exports.readlink(self.share(&share)?, &path)?),
+            Request::Open { share, path } => self.open(self.share(&share)?, &path)?,
+            Request::Cvs { share, path, version, first, count } => {
+                let s = self.share(&share)?;
+                let (file, attr) = self.exports.open_file(s, &path)?;
+                if attr.version() != version {
+                    return Err(Error::Stale);
+                }
+                let tree = self.index.get(Arc::new(file), version, self.exports.chunk_log2(s), HASH_WAIT)?;
+                let leaves = tree.leaves(first, count.min(MAX_CVS) as u64).map_err(|e| Error::from_io(&e))?;
+                let proof = tree.prove(first, leaves.len() as u64).map_err(|e| Error::from_io(&e))?;
+                Response::Cvs { leaves, proof }
+            }
+            Request::Read { share, path, version, index } => {
+                let s = self.share(&share)?;
+                let (file, attr) = self.exports.open_file(s, &path)?;
+                if attr.version() != version {
+                    return Err(Error::Stale);
+                }
+                let geom = Geometry::new(attr.size, self.exports.chunk_log2(s)).map_err(|_| Error::Invalid)?;
+                if index >= geom.n_chunks() {
+                    return Err(Error::Invalid);
+                }
+                let mut buf = vec![0u8; geom.chunk_len(index) + 1];
+                read_exact_at(&file, &mut buf[..geom.chunk_len(index)], geom.chunk_offset(index))?;
+                buf.pop();
+                Response::Data(buf)
+            }
+            Request::StatFs { share } => Response::StatFs(self.exports.statfs(self.share(&share)?)?),
+        })
+    }
+
+    fn open(&self, share: u32, path: &[u8]) -> Result<Response, Error> {
+        let (file, attr) = self.exports.open_file(share, path)?;
+        let chunk_log2 = self.exports.chunk_log2(share);
+        let geom = Geometry::new(attr.size, chunk_log2).map_err(|_| Error::Invalid)?;
+        if attr.size <= INLINE_MAX && geom.n_chunks() == 1 {
+            // Small file: hashing is cheaper than any index lookup, and the bytes ride along.
+            let mut data = vec![0u8; attr.size as usize];
+            read_exact_at(&file, &mut data, 0)?;
+            let after = self.exports.open_file(share, path).map(|(_, a)| a.version());
+            if after != Ok(attr.version()) {
+                return Err(Error::Busy); // changed while we read it: the client asks again
+            }
+            let root = *blake3::hash(&data).as_bytes();
+            return Ok(Response::Opened { info: FileInfo { attr, root, chunk_log2 }, inline: Some(data) });
+        }
+        let tree = self.index.get(Arc::new(file), attr.version(), chunk_log2, HASH_WAIT)?;
+        Ok(Response::Opened { info: FileInfo { attr, root: *tree.root().as_bytes(), chunk_log2 }, inline: None })
+    }
+
+    /// Expected response size for a request (for logging only).
+    pub fn exports(&self) -> &Exports {
+        &self.exports
+    }
+}
+
+fn read_exact_at(f: &std::fs::File, buf: &mut [u8], off: u64) -> Result<(), Error> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => return Err(Error::Stale), // file shrank under us
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::from_io(&e)),
+        }
+    }
+    Ok(())
+}
+
+struct Job {
+    session: Arc<Session>,
+    peer: SocketAddr,
+    id: u64,
+    missing: Vec<Missing>,
+    body: Vec<u8>,
+}
+
+/// Run the server until `stop` is set. Binds, then serves.
+pub fn run(cfg: ServeConfig, stop: Arc<AtomicBool>) -> io::Result<()> {
+    let exports = Exports::new(cfg.exports).map_err(io::Error::other)?;
+    let index = HashIndex::open(&cfg.state_dir)
+        .map_err(|e| io::Error::other(format!("state directory {}: {e}", cfg.state_dir.display())))?;
+    let sock = UdpSocket::bind(cfg.listen)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.listen)))?;
+    serve_socket(sock, Handler::new(exports, index), cfg.psk, cfg.workers, stop)
+}
+
+pub fn serve_socket(sock: UdpSocket, handler: Handler, psk: [u8; 32], workers: usize, stop: Arc<AtomicBool>) -> io::Result<()> {
+    let io = Arc::new(UdpIo::new(sock)?);
+    let handler = Arc::new(handler);
+    let (tx, rx): (SyncSender<Job>, Receiver<Job>) = sync_channel(4096);
+    let rx = Arc::new(Mutex::new(rx));
+    let mut pool = Vec::new();
+    for i in 0..workers.max(1) {
+        let (rx, io, handler) = (rx.clone(), io.clone(), handler.clone());
+        pool.push(thread::Builder::new().name(format!("wraith-worker-{i}")).spawn(move || loop {
+            let job = match rx.lock().unwrap().recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            work(&io, &handler, job);
+        })?);
+    }
+    let mut proto = Server::new(psk, rand::random());
+    let mut bufs = RecvBufs::default();
+    let mut dropped = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if !io.wait_readable(Duration::from_millis(200))? {
+            continue;
+        }
+        let now = Instant::now();
+        let r = io.recv_now(&mut bufs, |from, d| match proto.handle(now, d) {
+            Some(Input::Reply(r)) => {
+                let _ = io.send_burst(from, &r, r.len());
+            }
+            Some(Input::Request { session, id, missing, body }) => {
+                match tx.try_send(Job { session, peer: from, id, missing, body }) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(_)) => dropped += 1, // the client will ask again
+                    Err(TrySendError::Disconnected(_)) => {}
+                }
+            }
+            None => {}
+        });
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "recv failed");
+        }
+        if dropped > 0 && dropped % 1000 == 1 {
+            tracing::warn!(dropped, "request queue full; requests dropped (clients retry)");
+        }
+    }
+    drop(tx);
+    for t in pool {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn work(io: &UdpIo, handler: &Handler, job: Job) {
+    let req = match Request::decode(&job.body) {
+        Ok(r) => r,
+        Err(e) => {
+            let b = job.session.encode_response(job.id, &Response::Error(e).encode(), &[]);
+            let _ = io.send_burst(job.peer, &b.buf, b.seg);
+            return;
+        }
+    };
+    let span = tracing::debug_span!("request", id = job.id, session = job.session.id);
+    let _g = span.enter();
+    let resp = handler.handle(req).encode();
+    let b = job.session.encode_response(job.id, &resp, &job.missing);
+    if let Err(e) = io.send_burst(job.peer, &b.buf, b.seg) {
+        tracing::debug!(error = %e, peer = %job.peer, "send failed");
+    }
+}
+

@@ -5,3 +5,5 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod fs;
+pub mod net;
+pub mod process;

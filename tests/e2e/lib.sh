@@ -32,6 +32,8 @@ CLEANED=0
 log() { printf '# %s\n' "$*"; }
 die() {
     not_ok "$1" "$2"
+    # Before setup_work there is no exit trap to print the summary.
+    [ -z "$WORK" ] && [ "${E2E_SUMMARY:-0}" = 1 ] && summary
     exit 1
 }
 
@@ -122,17 +124,23 @@ le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a <= b) }'; }
 setup_work() {
     WORK=$(mktemp -d "/tmp/$1.XXXXXX") || die "mktemp" "cannot create a work directory"
     mkdir -p "$WORK/logs" "$WORK/srv" "$WORK/cli" "$WORK/keys" "$WORK/state"
+    # The traps may fire inside a check whose output is redirected to a log: keep the real
+    # stdout and stderr on fds 7 and 8 and report there.
+    exec 7>&1 8>&2
     trap on_exit EXIT
-    trap 'not_ok "interrupted" "SIGINT"; exit 130' INT
-    trap 'not_ok "terminated" "SIGTERM"; exit 143' TERM
-    trap 'not_ok "hangup" "SIGHUP"; exit 129' HUP
+    trap 'exec 1>&7 2>&8; not_ok "interrupted" "SIGINT"; exit 130' INT
+    trap 'exec 1>&7 2>&8; not_ok "terminated" "SIGTERM"; exit 143' TERM
+    trap 'exec 1>&7 2>&8; not_ok "hangup" "SIGHUP"; exit 129' HUP
 }
 
 on_exit() {
     local rc=$?
+    exec 1>&7 2>&8
     if [ "${E2E_SUMMARY:-0}" = 1 ]; then
+        [ "$rc" -eq 0 ] && [ "$FAIL" -gt 0 ] && rc=1
         [ "$FAIL" -gt 0 ] && dump_logs
         cleanup
+        [ "$rc" -eq 0 ] && [ "$FAIL" -gt 0 ] && rc=1
         summary
     else
         cleanup
@@ -304,10 +312,11 @@ drop_caches() {
     echo 3 >/proc/sys/vm/drop_caches 2>/dev/null
 }
 
-# treecmp A B: compare two trees: names, types, sizes, symlink targets, exec bits and the
-# bytes of every regular file. Prints up to 20 differences; exits non-zero if any.
+# treecmp A B: compare two trees: names, types, sizes, symlink targets, exec bits and the bytes
+# of every regular file. Prints up to 20 differences; exits non-zero if any. Bounded in time by
+# $TREECMP_TIMEOUT (default 1200 s).
 treecmp() {
-    python3 - "$1" "$2" <<'PY'
+    timeout "${TREECMP_TIMEOUT:-1200}" python3 - "$1" "$2" <<'PY'
 import os, stat, sys
 a_root, b_root = sys.argv[1], sys.argv[2]
 diffs, files, nbytes = [], 0, 0

@@ -1,0 +1,336 @@
+//! wraith-mount: mount a wraith share through FUSE.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use wraith::cli::{self, parse_remote, split_options, RemoteSpec};
+use wraith::error::Error;
+use wraith::fs::{Fs, FsConfig};
+use wraith::fuse::WraithFuse;
+use wraith::sys::process::{self, Forked};
+use wraith::transport::ClientTransport;
+
+#[derive(Parser)]
+#[command(
+    name = "wraith-mount",
+    version,
+    about = "Mount a wraith share (read-only, every byte BLAKE3-verified)",
+    after_help = "Options for -o (comma-separated, '\\,' escapes a comma):\n  \
+        keyfile=FILE       pre-shared key (default /etc/wraith/wraith.key)\n  \
+        port=N             server UDP port (default 7447)\n  \
+        attr_timeout=SECS  attribute/entry cache time (default 1)\n  \
+        timeout=SECS       per-request deadline, then EIO (default 30)\n  \
+        hard | soft        hard: retry forever, Ctrl-C interrupts (default soft)\n  \
+        mem_cache=SIZE     in-memory chunk cache (default 256M)\n  \
+        allow_other        let other users in (implies default_permissions)\n  \
+        default_permissions  kernel checks mode bits\n  \
+        uid=N, gid=N       show every file as owned by N\n  \
+        threads=N          FUSE worker threads (default 4)\n  \
+        fsname=NAME        source shown in /proc/mounts (default the remote spec)\n  \
+        ro                 accepted (wraith is always read-only)"
+)]
+struct Args {
+    /// HOST[:PORT]:/SHARE[/SUBDIR]
+    remote: String,
+    /// Where to mount.
+    mountpoint: PathBuf,
+    /// Mount options (see below); may be repeated.
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Stay in the foreground (logs to stderr).
+    #[arg(short, long)]
+    foreground: bool,
+    /// More logging (-v, -vv).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Pre-shared key file (same as -o keyfile=).
+    #[arg(long)]
+    keyfile: Option<PathBuf>,
+    /// Per-request deadline in seconds (same as -o timeout=).
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Attribute cache time in seconds (same as -o attr_timeout=).
+    #[arg(long)]
+    attr_timeout: Option<String>,
+    /// Retry forever instead of failing at the deadline (same as -o hard).
+    #[arg(long)]
+    hard: bool,
+    /// In-memory chunk cache size (same as -o mem_cache=).
+    #[arg(long)]
+    mem_cache: Option<String>,
+}
+
+struct Opts {
+    keyfile: PathBuf,
+    port: u16,
+    fs: FsConfig,
+    allow_other: bool,
+    default_permissions: bool,
+    threads: usize,
+    fsname: Option<String>,
+}
+
+fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
+    let mut o = Opts {
+        keyfile: PathBuf::from("/etc/wraith/wraith.key"),
+        port: cli::DEFAULT_PORT,
+        fs: FsConfig {
+            share: spec.share.clone(),
+            subdir: spec.subdir.as_bytes().to_vec(),
+            attr_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(30),
+            hard: false,
+            mem_cache: 256 << 20,
+            uid: None,
+            gid: None,
+            max_prefetch: 32,
+        },
+        allow_other: false,
+        default_permissions: false,
+        threads: 4,
+        fsname: None,
+    };
+    let mut all: Vec<String> = args.options.iter().flat_map(|s| split_options(s)).collect();
+    if let Some(k) = &args.keyfile {
+        all.push(format!("keyfile={}", k.display()));
+    }
+    if let Some(t) = &args.timeout {
+        all.push(format!("timeout={t}"));
+    }
+    if let Some(t) = &args.attr_timeout {
+        all.push(format!("attr_timeout={t}"));
+    }
+    if args.hard {
+        all.push("hard".into());
+    }
+    if let Some(m) = &args.mem_cache {
+        all.push(format!("mem_cache={m}"));
+    }
+    for opt in all {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt.as_str(), None),
+        };
+        let need = |v: Option<&'_ str>| -> Result<String, String> {
+            v.map(str::to_string).ok_or_else(|| format!("option '{k}' needs a value ({k}=...)"))
+        };
+        let num = |v: Option<&str>| -> Result<u32, String> {
+            need(v)?.parse().map_err(|_| format!("option '{k}' needs a number"))
+        };
+        match k {
+            "keyfile" => o.keyfile = PathBuf::from(need(v)?),
+            "port" => o.port = num(v)?.try_into().map_err(|_| "port must be 1..65535".to_string())?,
+            "attr_timeout" => o.fs.attr_timeout = cli::parse_secs(&need(v)?)?,
+            "timeout" => {
+                o.fs.timeout = cli::parse_secs(&need(v)?)?;
+                if o.fs.timeout < Duration::from_millis(100) {
+                    return Err("timeout must be at least 0.1 seconds".into());
+                }
+            }
+            "hard" => o.fs.hard = true,
+            "soft" => o.fs.hard = false,
+            "mem_cache" => o.fs.mem_cache = cli::parse_size(&need(v)?)?,
+            "allow_other" => o.allow_other = true,
+            "default_permissions" => o.default_permissions = true,
+            "uid" => o.fs.uid = Some(num(v)?),
+            "gid" => o.fs.gid = Some(num(v)?),
+            "threads" => o.threads = (num(v)? as usize).clamp(1, 64),
+            "fsname" => o.fsname = Some(need(v)?),
+            "ro" | "nosuid" | "nodev" => {}
+            "rw" => return Err("option 'rw': wraith is read-only; remove 'rw'".into()),
+            _ => return Err(format!("unknown option '{opt}' (see wraith-mount --help)")),
+        }
+    }
+    if o.allow_other {
+        o.default_permissions = true; // never one without the other
+    }
+    Ok(o)
+}
+
+fn explain(e: &Error, spec: &str, addr: &str, o: &Opts) -> String {
+    match e {
+        Error::AuthFailed => format!(
+            "server {addr} rejected our key: {} does not match the server's --key file; copy the server's key here",
+            o.keyfile.display()
+        ),
+        Error::RemoteTimeout => format!(
+            "server {addr} did not answer within {:.0?}: unreachable, or wraith-serve is not running there (check host, port and firewall)",
+            o.fs.timeout.min(Duration::from_secs(15))
+        ),
+        Error::NotFound if o.fs.subdir.is_empty() => {
+            format!("server {addr} has no share '{}': check the NAME in the server's --export NAME=PATH", o.fs.share)
+        }
+        Error::NotFound => format!("'{spec}': subdirectory not found in the share"),
+        Error::NotDir => format!("'{spec}': the subdirectory is not a directory"),
+        other => format!("cannot mount '{spec}': {other}"),
+    }
+}
+
+fn setup(args: &Args) -> Result<(Arc<Fs>, Opts), String> {
+    let spec = parse_remote(&args.remote)?;
+    let o = parse_opts(args, &spec)?;
+    check_mountpoint(&args.mountpoint)?;
+    let addr = spec.resolve(o.port)?;
+    let psk = cli::load_key(&o.keyfile)?;
+    let net = ClientTransport::connect(addr, psk).map_err(|e| format!("cannot open a UDP socket to {addr}: {e}"))?;
+    // The first contact gets a shorter deadline: a wrong host should not keep mount(8) waiting.
+    let mut attach_cfg = o.fs.clone();
+    attach_cfg.timeout = o.fs.timeout.min(Duration::from_secs(15));
+    let fs = Fs::attach(attach_cfg, net).map_err(|e| explain(&e, &args.remote, &addr.to_string(), &o))?;
+    Ok((fs, o))
+}
+
+fn check_mountpoint(p: &Path) -> Result<(), String> {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("mount point {} is not a directory", p.display())),
+        Err(e) => Err(format!("mount point {}: {e}", p.display())),
+    }
+}
+
+fn mount(args: &Args, fs: Arc<Fs>, o: &Opts) -> Result<fuser::BackgroundSession, String> {
+    use fuser::MountOption as M;
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        M::FSName(o.fsname.clone().unwrap_or_else(|| args.remote.clone())),
+        M::Subtype("wraith".into()),
+        M::RO,
+        M::NoSuid,
+        M::NoDev,
+        M::NoAtime,
+    ];
+    if o.default_permissions {
+        cfg.mount_options.push(M::DefaultPermissions);
+    }
+    if o.allow_other {
+        cfg.acl = fuser::SessionACL::All;
+    }
+    cfg.n_threads = Some(o.threads);
+    cfg.clone_fd = true;
+    fuser::spawn_mount(WraithFuse::new(fs), &args.mountpoint, &cfg)
+        .map_err(|e| format!("cannot mount on {}: {e}", args.mountpoint.display()))
+}
+
+fn report(ready: &mut Option<OwnedFd>, msg: &str) {
+    if let Some(fd) = ready.take() {
+        let mut f = std::fs::File::from(fd);
+        let _ = f.write_all(msg.as_bytes());
+    }
+}
+
+fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
+    let fail = |ready: &mut Option<OwnedFd>, msg: String| {
+        if ready.is_some() {
+            report(ready, &format!("ERR {msg}"));
+        } else {
+            eprintln!("wraith-mount: {msg}");
+        }
+        ExitCode::from(1)
+    };
+    let (fs, o) = match setup(&args) {
+        Ok(x) => x,
+        Err(m) => return fail(&mut ready, m),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
+        let _ = signal_hook::flag::register(sig, stop.clone());
+    }
+    let session = match mount(&args, fs.clone(), &o) {
+        Ok(s) => s,
+        Err(m) => return fail(&mut ready, m),
+    };
+    // The mount serves once the kernel can stat its root through us.
+    let mp = args.mountpoint.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::metadata(&mp).map(|_| ()));
+    });
+    match rx.recv_timeout(o.fs.timeout + Duration::from_secs(5)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = session.umount_and_join();
+            return fail(&mut ready, format!("mounted, but the mount does not answer: {e}"));
+        }
+        Err(_) => {
+            let _ = session.umount_and_join();
+            return fail(&mut ready, "mounted, but the mount did not answer in time".into());
+        }
+    }
+    tracing::info!(remote = %args.remote, mountpoint = %args.mountpoint.display(), "mounted");
+    if ready.is_some() {
+        report(&mut ready, "OK");
+        if nix_isatty_stderr() {
+            let _ = process::detach_stdio(true);
+        } else {
+            let _ = process::detach_stdio(false);
+        }
+    }
+    loop {
+        if session.guard.is_finished() {
+            tracing::info!("unmounted; exiting");
+            let _ = session.join();
+            return ExitCode::SUCCESS;
+        }
+        if stop.load(Ordering::Relaxed) {
+            tracing::info!("signal received; unmounting");
+            return match session.umount_and_join() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("unmount failed: {e} (try umount -l {})", args.mountpoint.display());
+                    ExitCode::from(1)
+                }
+            };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn nix_isatty_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Check what can be checked before forking, so simple mistakes print right here.
+    if let Err(m) = parse_remote(&args.remote).and_then(|s| parse_opts(&args, &s).map(|_| ())) {
+        eprintln!("wraith-mount: {m}");
+        return ExitCode::from(2);
+    }
+    wraith::logging::init(args.verbose, !args.foreground);
+    if args.foreground {
+        return run(args, None);
+    }
+    // Fork while single-threaded; the parent exits only once the child reports the mount serves.
+    match process::fork_with_pipe() {
+        Err(e) => {
+            eprintln!("wraith-mount: cannot fork: {e}");
+            ExitCode::from(1)
+        }
+        Ok(Forked::Child { ready }) => {
+            let _ = process::setsid();
+            run(args, Some(ready))
+        }
+        Ok(Forked::Parent { child, ready }) => {
+            let mut msg = String::new();
+            let _ = std::fs::File::from(ready).read_to_string(&mut msg);
+            if msg == "OK" {
+                return ExitCode::SUCCESS;
+            }
+            if let Some(m) = msg.strip_prefix("ERR ") {
+                eprintln!("wraith-mount: {m}");
+                let _ = process::wait_child(child);
+                return ExitCode::from(1);
+            }
+            let status = process::wait_child(child).unwrap_or(-1);
+            eprintln!("wraith-mount: the mount process exited before the mount was ready (status {status}); run with -f -v to see why");
+            ExitCode::from(1)
+        }
+    }
+}

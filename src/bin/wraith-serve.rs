@@ -1,0 +1,94 @@
+//! wraith-serve: export directories by name over the wraith protocol.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+use wraith::cli;
+use wraith::serve::{self, export::parse_export_spec, ServeConfig};
+
+#[derive(Parser)]
+#[command(name = "wraith-serve", version, about = "Export directories read-only over the wraith protocol")]
+struct Args {
+    /// NAME=PATH[,chunk=SIZE]: export PATH as share NAME (repeatable). chunk: power of two, 1K..16M, default 256K.
+    #[arg(long = "export", short = 'e', required = true)]
+    exports: Vec<String>,
+    /// Address and UDP port to listen on.
+    #[arg(long, default_value = "[::]:7447")]
+    listen: SocketAddr,
+    /// Pre-shared key file (64 hex chars); created with mode 0600 when missing.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Where file hashes are kept between runs.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Worker threads answering requests.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// More logging (-v, -vv).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+fn default_dir(system: &str, user_env: &str, user_sub: &str) -> PathBuf {
+    if is_root() {
+        PathBuf::from(system)
+    } else if let Some(d) = std::env::var_os(user_env) {
+        PathBuf::from(d).join("wraith")
+    } else {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into())).join(user_sub).join("wraith")
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    wraith::logging::init(args.verbose, false);
+    let fail = |msg: String| {
+        eprintln!("wraith-serve: {msg}");
+        ExitCode::from(1)
+    };
+    let mut exports = Vec::new();
+    for e in &args.exports {
+        match parse_export_spec(e) {
+            Ok(s) => exports.push(s),
+            Err(m) => return fail(m),
+        }
+    }
+    let key_path = args.key.unwrap_or_else(|| default_dir("/etc/wraith", "XDG_CONFIG_HOME", ".config").join("wraith.key"));
+    let psk = match cli::load_or_create_key(&key_path) {
+        Ok((k, created)) => {
+            if created {
+                eprintln!("wraith-serve: created key file {} (copy it to each client, mode 0600)", key_path.display());
+            } else {
+                eprintln!("wraith-serve: using key file {}", key_path.display());
+            }
+            k
+        }
+        Err(m) => return fail(m),
+    };
+    let state_dir = args.state_dir.unwrap_or_else(|| default_dir("/var/lib/wraith", "XDG_STATE_HOME", ".local/state"));
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            return fail(format!("cannot install signal handler: {e}"));
+        }
+    }
+    let names: Vec<String> = exports.iter().map(|e| format!("{}={}", e.name, e.path.display())).collect();
+    let cfg = ServeConfig { exports, listen: args.listen, psk, state_dir, workers: args.workers };
+    tracing::info!(listen = %args.listen, exports = ?names, "serving");
+    eprintln!("wraith-serve: listening on udp {} exporting {}", args.listen, names.join(", "));
+    match serve::run(cfg, stop) {
+        Ok(()) => {
+            eprintln!("wraith-serve: stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e.to_string()),
+    }
+}

@@ -1,0 +1,155 @@
+//! Small concurrency building blocks for the filesystem core: a single-flight map (one fetch per
+//! key however many readers wait) and a byte-bounded LRU of verified chunks.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Condvar, Mutex};
+
+use lru::LruCache;
+
+use crate::chunk::VerifiedChunk;
+use crate::error::Error;
+
+struct Slot<V> {
+    value: Mutex<Option<Result<V, Error>>>,
+    ready: Condvar,
+}
+
+/// Deduplicates concurrent fetches of the same key.
+pub struct SingleFlight<K, V> {
+    inflight: Mutex<HashMap<K, Arc<Slot<V>>>>,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        SingleFlight { inflight: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
+    /// Run `fetch` for `key` unless another thread already is; then everyone gets its result.
+    pub fn run(&self, key: K, fetch: impl FnOnce() -> Result<V, Error>) -> Result<V, Error> {
+        let (slot, leader) = {
+            let mut m = self.inflight.lock().unwrap();
+            match m.get(&key) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s = Arc::new(Slot { value: Mutex::new(None), ready: Condvar::new() });
+                    m.insert(key.clone(), s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if leader {
+            let r = fetch();
+            *slot.value.lock().unwrap() = Some(r.clone());
+            slot.ready.notify_all();
+            self.inflight.lock().unwrap().remove(&key);
+            return r;
+        }
+        let mut v = slot.value.lock().unwrap();
+        while v.is_none() {
+            v = slot.ready.wait(v).unwrap();
+        }
+        v.clone().unwrap()
+    }
+
+    pub fn is_inflight(&self, key: &K) -> bool {
+        self.inflight.lock().unwrap().contains_key(key)
+    }
+}
+
+/// Key of a chunk in memory: the file's BLAKE3 root and the chunk index. Identical files share.
+pub type ChunkKey = ([u8; 32], u64);
+
+/// Verified chunks in memory, bounded in bytes, least recently used evicted first.
+pub struct ChunkLru {
+    inner: Mutex<(LruCache<ChunkKey, VerifiedChunk>, u64)>,
+    limit: u64,
+}
+
+impl ChunkLru {
+    pub fn new(limit: u64) -> Self {
+        ChunkLru { inner: Mutex::new((LruCache::unbounded(), 0)), limit }
+    }
+
+    pub fn get(&self, k: &ChunkKey) -> Option<VerifiedChunk> {
+        self.inner.lock().unwrap().0.get(k).cloned()
+    }
+
+    pub fn contains(&self, k: &ChunkKey) -> bool {
+        self.inner.lock().unwrap().0.contains(k)
+    }
+
+    pub fn insert(&self, k: ChunkKey, c: VerifiedChunk) {
+        let mut g = self.inner.lock().unwrap();
+        let (lru, bytes) = &mut *g;
+        let n = c.len() as u64;
+        if n > self.limit {
+            return;
+        }
+        if let Some(old) = lru.put(k, c) {
+            *bytes -= old.len() as u64;
+        }
+        *bytes += n;
+        while *bytes > self.limit {
+            match lru.pop_lru() {
+                Some((_, old)) => *bytes -= old.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.inner.lock().unwrap().1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::Geometry;
+
+    fn chunk(n: usize, fill: u8) -> VerifiedChunk {
+        let data = vec![fill; n];
+        let g = Geometry::new(n as u64, 18).unwrap();
+        let root = blake3::hash(&data);
+        VerifiedChunk::verify(&g, &root, 0, None, data).unwrap()
+    }
+
+    #[test]
+    fn lru_stays_within_bytes() {
+        let c = ChunkLru::new(10_000);
+        for i in 0..100u64 {
+            c.insert(([i as u8; 32], i), chunk(1000, i as u8));
+            assert!(c.bytes() <= 10_000);
+        }
+        assert!(c.get(&([99; 32], 99)).is_some());
+        assert!(c.get(&([0; 32], 0)).is_none());
+        c.insert(([1; 32], 1), chunk(20_000, 1)); // larger than the whole cache: not kept
+        assert!(c.bytes() <= 10_000);
+    }
+
+    #[test]
+    fn single_flight_runs_once() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let sf: Arc<SingleFlight<u32, u32>> = Arc::new(SingleFlight::default());
+        let runs = Arc::new(AtomicU32::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (sf, runs) = (sf.clone(), runs.clone());
+                std::thread::spawn(move || {
+                    sf.run(1, || {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        Ok(7)
+                    })
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), Ok(7));
+        }
+        assert!(runs.load(Ordering::SeqCst) < 8);
+    }
+}

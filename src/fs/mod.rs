@@ -1,0 +1,369 @@
+//! The filesystem core: inodes, handles, attribute caching, close-to-open consistency, the data
+//! path with prefetch, and the one place where errors become errno ([`crate::error::Error::errno`]).
+//! No fuser types here: the `fuse` adapter translates.
+
+pub mod flight;
+pub mod inodes;
+mod read;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::chunk::{Geometry, VerifiedChunk};
+use crate::error::{Error, Result};
+use crate::proto::msg::{Request, Response};
+use crate::transport::ClientTransport;
+use crate::types::{Attr, FileInfo, FileKind, StatFs};
+use flight::ChunkLru;
+use inodes::{join, Inodes};
+
+pub use inodes::ROOT;
+
+pub const XATTR_BLAKE3: &str = "user.wraith.blake3";
+
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    pub share: String,
+    /// Subdirectory of the share that is the mount's root ("" for the share root).
+    pub subdir: Vec<u8>,
+    pub attr_timeout: Duration,
+    pub timeout: Duration,
+    pub hard: bool,
+    pub mem_cache: u64,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Chunks fetched ahead of a sequential reader at most.
+    pub max_prefetch: u64,
+}
+
+/// Who is asking (for interrupting hard-mount retries).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ctx {
+    pub pid: u32,
+}
+
+/// An open regular file: one version, pinned for the life of the handle.
+pub struct Handle {
+    pub path: Vec<u8>,
+    pub info: FileInfo,
+    pub geom: Geometry,
+    seq: Mutex<read::SeqState>,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub bytes_read: AtomicU64,
+    pub chunks_fetched: AtomicU64,
+    pub chunk_hits: AtomicU64,
+    pub verify_failures: AtomicU64,
+}
+
+pub struct Fs {
+    cfg: FsConfig,
+    net: ClientTransport,
+    inodes: Mutex<Inodes>,
+    /// Last known file info per local inode (for keeping the page cache across opens).
+    infos: Mutex<HashMap<u64, FileInfo>>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    chunks: ChunkLru,
+    chunk_flight: flight::SingleFlight<flight::ChunkKey, VerifiedChunk>,
+    cvs: read::CvCache,
+    prefetch: read::Prefetcher,
+    pub counters: Counters,
+}
+
+impl Fs {
+    /// Attach to the share: checks the key, the share and the subdirectory, with clear errors.
+    pub fn attach(cfg: FsConfig, net: ClientTransport) -> Result<Arc<Self>> {
+        let now = Instant::now();
+        let r = net.call(&Request::Attach { share: cfg.share.clone() }, 4096, cfg.timeout)?;
+        let Response::Attached { root } = r else { return Err(Error::Invalid) };
+        let root = if cfg.subdir.is_empty() {
+            root
+        } else {
+            match net.call(&Request::Stat { share: cfg.share.clone(), path: cfg.subdir.clone() }, 4096, cfg.timeout)? {
+                Response::Attr(a) if a.kind == FileKind::Dir => a,
+                Response::Attr(_) => return Err(Error::NotDir),
+                _ => return Err(Error::Invalid),
+            }
+        };
+        let fs = Arc::new(Fs {
+            inodes: Mutex::new(Inodes::new(cfg.subdir.clone(), root, now)),
+            infos: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            chunks: ChunkLru::new(cfg.mem_cache),
+            chunk_flight: Default::default(),
+            cvs: read::CvCache::new(),
+            prefetch: read::Prefetcher::default(),
+            counters: Counters::default(),
+            cfg,
+            net,
+        });
+        read::Prefetcher::start(&fs);
+        Ok(fs)
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    pub fn transport(&self) -> &ClientTransport {
+        &self.net
+    }
+
+    /// One request with the mount's deadline policy: soft mounts fail with EIO at the deadline;
+    /// hard mounts retry until the server answers or the caller gets a fatal signal. A server
+    /// that is still hashing (BUSY) is asked again; that counts as an answer, not a timeout.
+    pub(crate) fn call(&self, ctx: Ctx, req: &Request, expect: u64) -> Result<Response> {
+        let start = Instant::now();
+        let mut warned = false;
+        loop {
+            let pending = self.net.submit(req, expect, self.cfg.timeout);
+            let r = match pending.wait_interruptible(|| ctx.pid != 0 && signal_pending(ctx.pid)) {
+                Err(Error::Busy) if start.elapsed() < Duration::from_secs(3600) => {
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(Error::RemoteTimeout) if self.cfg.hard => {
+                    if !warned {
+                        tracing::warn!("server not responding, still trying (hard mount; Ctrl-C interrupts)");
+                        warned = true;
+                    }
+                    continue;
+                }
+                r => r,
+            };
+            if warned && r.is_ok() {
+                tracing::info!("server OK again");
+            }
+            return r;
+        }
+    }
+
+    fn share(&self) -> String {
+        self.cfg.share.clone()
+    }
+
+    fn present(&self, mut a: Attr) -> Attr {
+        if let Some(u) = self.cfg.uid {
+            a.uid = u;
+        }
+        if let Some(g) = self.cfg.gid {
+            a.gid = g;
+        }
+        a
+    }
+
+    fn node_path(&self, ino: u64) -> Result<Vec<u8>> {
+        self.inodes.lock().unwrap().path(ino).ok_or(Error::Stale)
+    }
+
+    pub fn attr_ttl(&self) -> Duration {
+        self.cfg.attr_timeout
+    }
+
+    pub fn lookup(&self, ctx: Ctx, parent: u64, name: &[u8]) -> Result<(u64, Attr)> {
+        if name.contains(&b'/') || name == b"." || name == b".." {
+            return Err(Error::Invalid);
+        }
+        let path = join(&self.node_path(parent)?, name);
+        let attr = match self.call(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024)? {
+            Response::Attr(a) => a,
+            _ => return Err(Error::Invalid),
+        };
+        Ok((self.remember(path, attr), self.present(attr)))
+    }
+
+    /// Count one kernel lookup of `path` (readdirplus entries go through here too).
+    pub fn remember(&self, path: Vec<u8>, attr: Attr) -> u64 {
+        self.inodes.lock().unwrap().remember(path, attr, Instant::now())
+    }
+
+    pub fn remember_child(&self, parent: u64, name: &[u8], attr: Attr) -> Result<u64> {
+        let path = join(&self.node_path(parent)?, name);
+        Ok(self.remember(path, attr))
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.lock().unwrap().forget(ino, n);
+        // Drop what we remembered about a forgotten file's content.
+        if self.inodes.lock().unwrap().get(ino).is_none() {
+            self.infos.lock().unwrap().remove(&ino);
+        }
+    }
+
+    pub fn getattr(&self, ctx: Ctx, ino: u64) -> Result<Attr> {
+        let (path, cached) = {
+            let t = self.inodes.lock().unwrap();
+            let n = t.get(ino).ok_or(Error::Stale)?;
+            let fresh = n.attr_at.elapsed() < self.cfg.attr_timeout;
+            (n.path.clone(), fresh.then_some(n.attr))
+        };
+        if let Some(a) = cached {
+            return Ok(self.present(a));
+        }
+        let attr = match self.call(ctx, &Request::Stat { share: self.share(), path }, 1024)? {
+            Response::Attr(a) => a,
+            _ => return Err(Error::Invalid),
+        };
+        self.inodes.lock().unwrap().update_attr(ino, attr, Instant::now());
+        Ok(self.present(attr))
+    }
+
+    pub fn readlink(&self, ctx: Ctx, ino: u64) -> Result<Vec<u8>> {
+        let path = self.node_path(ino)?;
+        match self.call(ctx, &Request::ReadLink { share: self.share(), path }, 4096)? {
+            Response::Link(t) => Ok(t),
+            _ => Err(Error::Invalid),
+        }
+    }
+
+    /// Directory entries after FUSE offset `offset`: (next offset, name, attr). Offsets 1 and 2 are
+    /// "." and ".."; entry k of the server's sorted listing has offset k + 3.
+    pub fn readdir(&self, ctx: Ctx, ino: u64, offset: u64, max_bytes: u32) -> Result<Vec<(u64, Vec<u8>, Option<Attr>)>> {
+        let path = self.node_path(ino)?;
+        let mut out = Vec::new();
+        if offset == 0 {
+            out.push((1, b".".to_vec(), None));
+        }
+        if offset <= 1 {
+            out.push((2, b"..".to_vec(), None));
+        }
+        let cookie = offset.saturating_sub(2);
+        let req = Request::ReadDir { share: self.share(), path, cookie, max_bytes: max_bytes.max(4096) };
+        match self.call(ctx, &req, max_bytes as u64)? {
+            Response::Dir { entries, .. } => {
+                for (i, e) in entries.into_iter().enumerate() {
+                    out.push((cookie + i as u64 + 3, e.name, Some(self.present(e.attr))));
+                }
+            }
+            _ => return Err(Error::Invalid),
+        }
+        Ok(out)
+    }
+
+    pub fn kind_of(&self, ino: u64) -> Option<FileKind> {
+        self.inodes.lock().unwrap().get(ino).map(|n| n.attr.kind)
+    }
+
+    /// Open a regular file: revalidate with the server (close-to-open), pin the version.
+    /// Returns the handle and whether the kernel may keep its page cache for this file.
+    pub fn open(&self, ctx: Ctx, ino: u64) -> Result<(u64, bool)> {
+        let path = self.node_path(ino)?;
+        let (info, inline) = match self.call(ctx, &Request::Open { share: self.share(), path: path.clone() }, 70 << 10)? {
+            Response::Opened { info, inline } => (info, inline),
+            _ => return Err(Error::Invalid),
+        };
+        let geom = Geometry::new(info.attr.size, info.chunk_log2).map_err(|_| Error::Invalid)?;
+        if let Some(data) = inline {
+            let root = blake3::Hash::from_bytes(info.root);
+            match VerifiedChunk::verify(&geom, &root, 0, None, data) {
+                Ok(c) => self.chunks.insert((info.root, 0), c),
+                Err(_) => {
+                    self.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(file = %String::from_utf8_lossy(&path), "inline data failed verification; will refetch");
+                }
+            }
+        }
+        self.inodes.lock().unwrap().update_attr(ino, info.attr, Instant::now());
+        let keep = {
+            let mut infos = self.infos.lock().unwrap();
+            let same = infos.get(&ino).is_some_and(|old| old.root == info.root && old.attr.version() == info.attr.version());
+            infos.insert(ino, info);
+            same
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let h = Arc::new(Handle { path, info, geom, seq: Mutex::new(Default::default()) });
+        self.handles.lock().unwrap().insert(fh, h);
+        Ok((fh, keep))
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+
+    pub fn handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        self.handles.lock().unwrap().get(&fh).cloned().ok_or(Error::Invalid)
+    }
+
+    pub fn read(&self, ctx: Ctx, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.handle(fh)?;
+        read::read(self, ctx, &h, offset, size)
+    }
+
+    pub fn statfs(&self, ctx: Ctx) -> Result<StatFs> {
+        match self.call(ctx, &Request::StatFs { share: self.share() }, 1024)? {
+            Response::StatFs(s) => Ok(s),
+            _ => Err(Error::Invalid),
+        }
+    }
+
+    /// The BLAKE3 root of a regular file, as b3sum prints it (revalidates with the server).
+    pub fn getxattr(&self, ctx: Ctx, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        if name != XATTR_BLAKE3.as_bytes() || self.kind_of(ino) != Some(FileKind::File) {
+            return Err(Error::NoXattr);
+        }
+        let (fh, _) = self.open(ctx, ino)?;
+        let h = self.handle(fh)?;
+        self.release(fh);
+        Ok(blake3::Hash::from_bytes(h.info.root).to_hex().as_bytes().to_vec())
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Vec<u8> {
+        if self.kind_of(ino) == Some(FileKind::File) {
+            let mut v = XATTR_BLAKE3.as_bytes().to_vec();
+            v.push(0);
+            v
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// access(2): writes are refused (read-only); the rest follows the mode bits.
+    pub fn access(&self, ctx: Ctx, ino: u64, mask: i32, uid: u32, gid: u32) -> Result<()> {
+        if mask & libc::W_OK != 0 {
+            return Err(Error::ReadOnly);
+        }
+        let a = self.getattr(ctx, ino)?;
+        if uid == 0 {
+            if mask & libc::X_OK != 0 && a.kind != FileKind::Dir && a.perm & 0o111 == 0 {
+                return Err(Error::Denied);
+            }
+            return Ok(());
+        }
+        let bits = if a.uid == uid {
+            (a.perm >> 6) & 7
+        } else if a.gid == gid {
+            (a.perm >> 3) & 7
+        } else {
+            a.perm & 7
+        } as i32;
+        let want = mask & 7;
+        if bits & want == want {
+            Ok(())
+        } else {
+            Err(Error::Denied)
+        }
+    }
+
+    pub fn memory_cache_bytes(&self) -> u64 {
+        self.chunks.bytes()
+    }
+}
+
+/// True if process `pid` has a fatal-by-default signal pending (SIGHUP, SIGINT, SIGQUIT, SIGKILL,
+/// SIGTERM): the user pressed Ctrl-C while the process waits on us.
+pub fn signal_pending(pid: u32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    let fatal: u64 = [libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGKILL, libc::SIGTERM]
+        .iter()
+        .fold(0, |m, s| m | 1u64 << (*s - 1));
+    s.lines()
+        .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .any(|m| m & fatal != 0)
+}

@@ -1,0 +1,195 @@
+//! The data path: verified chunks from memory or the network, leaf values proven in blocks, and a
+//! sequential-read detector that prefetches a growing window of chunks ahead of the reader.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, Weak};
+
+use lru::LruCache;
+
+use super::flight::SingleFlight;
+use super::{Ctx, Fs, Handle};
+use crate::chunk::{verify_leaves, Cv, VerifiedChunk};
+use crate::error::{Error, Result};
+use crate::proto::msg::{Request, Response};
+
+/// Leaf values are fetched and proven in aligned blocks of this many (32 KiB of values): the
+/// first byte of a 1 TiB file costs one such block plus a logarithmic proof.
+pub const CV_BLOCK: u64 = 1024;
+/// A chunk or leaf block that fails verification is fetched again this many times, then EIO.
+const ATTEMPTS: u32 = 3;
+const PREFETCH_THREADS: usize = 12;
+
+#[derive(Default)]
+pub struct SeqState {
+    next_off: u64,
+    window: u64,
+}
+
+type CvKey = ([u8; 32], u64);
+
+pub struct CvCache {
+    lru: Mutex<LruCache<CvKey, Arc<Vec<Cv>>>>,
+    flight: SingleFlight<CvKey, Arc<Vec<Cv>>>,
+}
+
+impl CvCache {
+    pub fn new() -> Self {
+        // 256 blocks × 32 KiB = 8 MiB of proven leaf values at most.
+        CvCache { lru: Mutex::new(LruCache::new(NonZeroUsize::new(256).unwrap())), flight: SingleFlight::default() }
+    }
+}
+
+fn name(h: &Handle) -> String {
+    String::from_utf8_lossy(&h.path).into_owned()
+}
+
+/// The proven leaf value of chunk `idx`, or None for a single-chunk file (checked against the root).
+fn leaf_cv(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<Option<Cv>> {
+    let n = h.geom.n_chunks();
+    if n == 1 {
+        return Ok(None);
+    }
+    let block = idx / CV_BLOCK;
+    let key = (h.info.root, block);
+    if let Some(v) = fs.cvs.lru.lock().unwrap().get(&key) {
+        return Ok(Some(v[(idx % CV_BLOCK) as usize]));
+    }
+    let v = fs.cvs.flight.run(key, || {
+        let first = block * CV_BLOCK;
+        let count = CV_BLOCK.min(n - first);
+        let root = blake3::Hash::from_bytes(h.info.root);
+        for attempt in 1..=ATTEMPTS {
+            let req = Request::Cvs {
+                share: fs.cfg.share.clone(),
+                path: h.path.clone(),
+                version: h.info.attr.version(),
+                first,
+                count: count as u32,
+            };
+            let (leaves, proof) = match fs.call(ctx, &req, count * 32 + 2048)? {
+                Response::Cvs { leaves, proof } => (leaves, proof),
+                _ => return Err(Error::Invalid),
+            };
+            if leaves.len() as u64 == count && verify_leaves(n, first, &leaves, &proof, &root).is_ok() {
+                let v = Arc::new(leaves);
+                fs.cvs.lru.lock().unwrap().put(key, v.clone());
+                return Ok(v);
+            }
+            fs.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(file = %name(h), block, attempt, "chunk values failed their proof against the root; fetching again");
+        }
+        tracing::error!(file = %name(h), block, "chunk values failed verification {ATTEMPTS} times; returning EIO");
+        Err(Error::IntegrityMismatch)
+    })?;
+    Ok(Some(v[(idx % CV_BLOCK) as usize]))
+}
+
+/// Chunk `idx` of the handle's file version, verified. Memory first, then the network.
+pub fn chunk(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<VerifiedChunk> {
+    let key = (h.info.root, idx);
+    if let Some(c) = fs.chunks.get(&key) {
+        fs.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
+        return Ok(c);
+    }
+    fs.chunk_flight.run(key, || {
+        let root = blake3::Hash::from_bytes(h.info.root);
+        for attempt in 1..=ATTEMPTS {
+            let expected = leaf_cv(fs, ctx, h, idx)?;
+            let req = Request::Read {
+                share: fs.cfg.share.clone(),
+                path: h.path.clone(),
+                version: h.info.attr.version(),
+                index: idx,
+            };
+            let data = match fs.call(ctx, &req, h.geom.chunk_len(idx) as u64 + 64)? {
+                Response::Data(d) => d,
+                _ => return Err(Error::Invalid),
+            };
+            fs.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+            match VerifiedChunk::verify(&h.geom, &root, idx, expected.as_ref(), data) {
+                Ok(c) => {
+                    fs.chunks.insert(key, c.clone());
+                    return Ok(c);
+                }
+                Err(e) => {
+                    fs.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(file = %name(h), chunk = idx, attempt, error = %e, "chunk failed BLAKE3 verification; fetching again");
+                }
+            }
+        }
+        tracing::error!(file = %name(h), chunk = idx, "chunk failed verification {ATTEMPTS} times; returning EIO");
+        Err(Error::IntegrityMismatch)
+    })
+}
+
+pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Result<Vec<u8>> {
+    let fsize = h.info.attr.size;
+    if offset >= fsize || size == 0 {
+        return Ok(Vec::new());
+    }
+    let end = (offset + size as u64).min(fsize);
+    let log2 = h.geom.chunk_log2;
+    let (first, last) = (offset >> log2, (end - 1) >> log2);
+    let window = {
+        let mut s = h.seq.lock().unwrap();
+        if offset == s.next_off || (s.next_off > 0 && offset.abs_diff(s.next_off) <= (1 << log2)) {
+            s.window = (s.window * 2).clamp(1, fs.cfg.max_prefetch);
+        } else {
+            s.window = 0;
+        }
+        s.next_off = end;
+        s.window
+    };
+    let n = h.geom.n_chunks();
+    for c in last + 1..(last + 1 + window).min(n) {
+        let key = (h.info.root, c);
+        if !fs.chunks.contains(&key) && !fs.chunk_flight.is_inflight(&key) {
+            fs.prefetch.push(h.clone(), c);
+        }
+    }
+    let mut out = Vec::with_capacity((end - offset) as usize);
+    for c in first..=last {
+        let chunk = chunk(fs, ctx, h, c)?;
+        let base = h.geom.chunk_offset(c);
+        let from = offset.max(base) - base;
+        let to = end.min(base + chunk.len() as u64) - base;
+        out.extend_from_slice(&chunk.bytes()[from as usize..to as usize]);
+    }
+    fs.counters.bytes_read.fetch_add(out.len() as u64, Ordering::Relaxed);
+    Ok(out)
+}
+
+type Job = (Arc<Handle>, u64);
+
+/// Threads that fetch chunks ahead of sequential readers. Jobs are dropped when the queue is full.
+#[derive(Default)]
+pub struct Prefetcher {
+    tx: Mutex<Option<SyncSender<Job>>>,
+}
+
+impl Prefetcher {
+    pub fn start(fs: &Arc<Fs>) {
+        let (tx, rx) = sync_channel::<Job>(256);
+        *fs.prefetch.tx.lock().unwrap() = Some(tx);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..PREFETCH_THREADS {
+            let (rx, weak): (Arc<Mutex<Receiver<Job>>>, Weak<Fs>) = (rx.clone(), Arc::downgrade(fs));
+            let _ = std::thread::Builder::new().name(format!("wraith-prefetch-{i}")).spawn(move || loop {
+                let job = rx.lock().unwrap().recv();
+                let Ok((h, idx)) = job else { return };
+                let Some(fs) = weak.upgrade() else { return };
+                if let Err(e) = chunk(&fs, Ctx::default(), &h, idx) {
+                    tracing::debug!(chunk = idx, error = %e, "prefetch failed");
+                }
+            });
+        }
+    }
+
+    pub fn push(&self, h: Arc<Handle>, idx: u64) {
+        if let Some(tx) = self.tx.lock().unwrap().as_ref() {
+            let _ = tx.try_send((h, idx));
+        }
+    }
+}
