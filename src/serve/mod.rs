@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::proto::frame::Missing;
 use crate::proto::msg::{Request, Response};
 use crate::proto::server::{Input, Server, Session};
-use crate::transport::{RecvBufs, UdpIo};
+use crate::transport::{DatagramIo, RecvBufs, UdpIo};
 use crate::types::FileInfo;
 use export::{ExportSpec, Exports};
 use index::HashIndex;
@@ -162,7 +162,11 @@ pub fn run(cfg: ServeConfig, stop: Arc<AtomicBool>) -> io::Result<()> {
 }
 
 pub fn serve_socket(sock: UdpSocket, handler: Handler, psk: [u8; 32], workers: usize, stop: Arc<AtomicBool>) -> io::Result<()> {
-    let io = Arc::new(UdpIo::new(sock)?);
+    serve_io(Arc::new(UdpIo::new(sock)?), handler, psk, workers, stop)
+}
+
+/// Serve over any datagram path (UDP socket, AF_XDP).
+pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], workers: usize, stop: Arc<AtomicBool>) -> io::Result<()> {
     let handler = Arc::new(handler);
     let (tx, rx): (SyncSender<Job>, Receiver<Job>) = sync_channel(4096);
     let rx = Arc::new(Mutex::new(rx));
@@ -174,7 +178,7 @@ pub fn serve_socket(sock: UdpSocket, handler: Handler, psk: [u8; 32], workers: u
                 Ok(j) => j,
                 Err(_) => return,
             };
-            work(&io, &handler, job);
+            work(&*io, &handler, job);
         })?);
     }
     let mut proto = Server::new(psk, rand::random());
@@ -185,7 +189,7 @@ pub fn serve_socket(sock: UdpSocket, handler: Handler, psk: [u8; 32], workers: u
             continue;
         }
         let now = Instant::now();
-        let r = io.recv_now(&mut bufs, |from, d| match proto.handle(now, d) {
+        let r = io.recv_now(&mut bufs, &mut |from, d| match proto.handle(now, d) {
             Some(Input::Reply(r)) => {
                 let _ = io.send_burst(from, &r, r.len());
             }
@@ -212,7 +216,7 @@ pub fn serve_socket(sock: UdpSocket, handler: Handler, psk: [u8; 32], workers: u
     Ok(())
 }
 
-fn work(io: &UdpIo, handler: &Handler, job: Job) {
+fn work(io: &dyn DatagramIo, handler: &Handler, job: Job) {
     let req = match Request::decode(&job.body) {
         Ok(r) => r,
         Err(e) => {

@@ -1,11 +1,10 @@
-//! UDP datagram I/O and the threads that drive the sans-IO protocol with the real clock.
+//! Datagram I/O and the threads that drive the sans-IO protocol with the real clock.
 //!
-//! Sends use UDP segmentation offload (one syscall for up to 64 equal datagrams) and receives use
-//! `recvmmsg` with GRO, both through `quinn-udp`. The socket is non-blocking; readiness comes from
-//! poll(2), so a timer never waits behind a blocking receive.
+//! [`DatagramIo`] is what the protocol drivers need from a network path; `udp` implements it with
+//! kernel UDP sockets (GSO/GRO/recvmmsg via quinn-udp).
 
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
@@ -13,112 +12,23 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-
 use crate::error::Error;
 use crate::proto::client::{Client, Config, Event};
 use crate::proto::msg::{Request, Response};
 use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::net;
 
-const RECV_BATCH: usize = 32;
-const RECV_BUF: usize = 65536;
-const SOCKET_BUFFER: usize = 32 << 20;
+pub mod udp;
+pub use udp::{RecvBufs, UdpIo};
 
-/// A non-blocking UDP socket with offloads.
-pub struct UdpIo {
-    sock: UdpSocket,
-    state: UdpSocketState,
-}
-
-impl UdpIo {
-    pub fn new(sock: UdpSocket) -> io::Result<Self> {
-        sock.set_nonblocking(true)?;
-        let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
-        let _ = net::set_recv_buffer(sock.as_fd(), SOCKET_BUFFER);
-        let _ = net::set_send_buffer(sock.as_fd(), SOCKET_BUFFER);
-        Ok(UdpIo { sock, state })
-    }
-
-    pub fn socket(&self) -> &UdpSocket {
-        &self.sock
-    }
-
+/// A datagram path: what the client and server loops need, whatever carries the bytes.
+pub trait DatagramIo: Send + Sync {
     /// Send `buf`, a run of datagrams of `seg` bytes each (the last may be shorter), to `dest`.
-    /// Waits (bounded) when the socket buffer is full rather than dropping.
-    pub fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
-        let max_segs = self.state.max_gso_segments().max(1).min(65000 / seg.max(1)).max(1);
-        for part in buf.chunks(seg * max_segs) {
-            let t = Transmit {
-                destination: dest,
-                ecn: None,
-                contents: part,
-                segment_size: (part.len() > seg).then_some(seg),
-                src_ip: None,
-            };
-            let give_up = Instant::now() + Duration::from_secs(2);
-            loop {
-                match self.state.send(UdpSockRef::from(&self.sock), &t) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if Instant::now() >= give_up {
-                            return Err(e);
-                        }
-                        net::poll_writable(self.sock.as_fd(), Duration::from_millis(50))?;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Wait up to `timeout` for the socket to become readable.
-    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        net::poll_readable(self.sock.as_fd(), timeout)
-    }
-
-    /// Hand every datagram queued now to `f` (GRO batches are split), without blocking.
-    pub fn recv_now(&self, bufs: &mut RecvBufs, mut f: impl FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        let mut total = 0;
-        // Drain what is queued now, in a bounded number of batches.
-        for _ in 0..8 {
-            let mut slices: Vec<IoSliceMut> = bufs.bufs.iter_mut().map(|b| IoSliceMut::new(&mut b[..])).collect();
-            let n = match self.state.recv(UdpSockRef::from(&self.sock), &mut slices, &mut bufs.meta) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            drop(slices);
-            for i in 0..n {
-                let m = &bufs.meta[i];
-                let data = &bufs.bufs[i][..m.len];
-                let stride = m.stride.max(1);
-                for d in data.chunks(stride) {
-                    f(m.addr, d);
-                    total += 1;
-                }
-            }
-            if n < RECV_BATCH {
-                break;
-            }
-        }
-        Ok(total)
-    }
-}
-
-pub struct RecvBufs {
-    bufs: Vec<Box<[u8]>>,
-    meta: Vec<RecvMeta>,
-}
-
-impl Default for RecvBufs {
-    fn default() -> Self {
-        RecvBufs {
-            bufs: (0..RECV_BATCH).map(|_| vec![0u8; RECV_BUF].into_boxed_slice()).collect(),
-            meta: vec![RecvMeta::default(); RECV_BATCH],
-        }
-    }
+    fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()>;
+    /// Wait up to `timeout` until datagrams may be read.
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
+    /// Hand every datagram queued now to `f`, without blocking.
+    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
 }
 
 /// Largest datagram for the path to `peer` without IP fragmentation.
@@ -153,7 +63,7 @@ pub struct TransportStats {
 
 /// The client's connection: one receive thread drives the protocol; any thread may issue requests.
 pub struct ClientTransport {
-    io: Arc<UdpIo>,
+    io: Arc<dyn DatagramIo>,
     peer: SocketAddr,
     shared: Arc<Mutex<Shared>>,
 }
@@ -224,7 +134,12 @@ impl ClientTransport {
         sock.connect(peer)?;
         let max_datagram = path_max_datagram(&sock, peer);
         tracing::debug!(%peer, max_datagram, "client socket ready");
-        let io = Arc::new(UdpIo::new(sock)?);
+        let io: Arc<dyn DatagramIo> = Arc::new(UdpIo::new(sock)?);
+        Self::with_io(io, peer, psk, max_datagram)
+    }
+
+    /// Drive the protocol over any datagram path.
+    pub fn with_io(io: Arc<dyn DatagramIo>, peer: SocketAddr, psk: [u8; 32], max_datagram: usize) -> io::Result<Self> {
         let seed = rand::random::<u64>();
         let client = Client::new(Config { psk, max_datagram, seed }, Instant::now());
         let shared = Arc::new(Mutex::new(Shared { client, waiters: HashMap::new(), rejected: false }));
@@ -242,7 +157,7 @@ impl ClientTransport {
         let mut s = self.shared.lock().unwrap();
         let id = s.client.start_request(now, req.encode(), expect, deadline);
         s.waiters.insert(id, tx);
-        drive(&self.io, self.peer, &mut s);
+        drive(&*self.io, self.peer, &mut s);
         drop(s);
         Pending { rx, deadline, id, shared: self.shared.clone() }
     }
@@ -272,7 +187,7 @@ impl ClientTransport {
 }
 
 /// Flush datagrams and deliver events. Called with the lock held.
-fn drive(io: &UdpIo, peer: SocketAddr, s: &mut Shared) {
+fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
     while let Some(d) = s.client.poll_transmit() {
         if let Err(e) = io.send_burst(peer, &d, d.len()) {
             tracing::debug!(error = %e, "send failed");
@@ -299,7 +214,7 @@ fn drive(io: &UdpIo, peer: SocketAddr, s: &mut Shared) {
     }
 }
 
-fn recv_loop(io: Arc<UdpIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr) {
+fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr) {
     let mut bufs = RecvBufs::default();
     loop {
         if Arc::strong_count(&shared) == 1 {
@@ -316,7 +231,7 @@ fn recv_loop(io: Arc<UdpIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr) {
         let now = Instant::now();
         if readable {
             let client = &mut s.client;
-            let r = io.recv_now(&mut bufs, |from, d| {
+            let r = io.recv_now(&mut bufs, &mut |from, d| {
                 if from.ip().to_canonical() == peer.ip().to_canonical() && from.port() == peer.port() {
                     client.handle_datagram(now, d);
                 }
@@ -334,6 +249,6 @@ fn recv_loop(io: Arc<UdpIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr) {
         if s.client.poll_timeout().is_some_and(|t| t <= now) {
             s.client.handle_timeout(now);
         }
-        drive(&io, peer, &mut s);
+        drive(&*io, peer, &mut s);
     }
 }
