@@ -15,4 +15,5 @@ pub mod sys;
 pub mod transport;
 pub mod types;
 pub mod cli;
+pub mod daemon;
 pub mod logging;

@@ -1,5 +1,8 @@
 //! wraith-mount: mount a wraith share through FUSE.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -74,6 +77,7 @@ struct Opts {
     default_permissions: bool,
     threads: usize,
     fsname: Option<String>,
+    noexec: bool,
 }
 
 fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
@@ -95,6 +99,7 @@ fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
         default_permissions: false,
         threads: 4,
         fsname: None,
+        noexec: false,
     };
     let mut all: Vec<String> = args.options.iter().flat_map(|s| split_options(s)).collect();
     if let Some(k) = &args.keyfile {
@@ -142,7 +147,8 @@ fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
             "gid" => o.fs.gid = Some(num(v)?),
             "threads" => o.threads = (num(v)? as usize).clamp(1, 64),
             "fsname" => o.fsname = Some(need(v)?),
-            "ro" | "nosuid" | "nodev" => {}
+            "ro" | "nosuid" | "nodev" | "exec" => {}
+            "noexec" => o.noexec = true,
             "rw" => return Err("option 'rw': wraith is read-only; remove 'rw'".into()),
             _ => return Err(format!("unknown option '{opt}' (see wraith-mount --help)")),
         }
@@ -194,17 +200,21 @@ fn check_mountpoint(p: &Path) -> Result<(), String> {
     }
 }
 
-fn mount(args: &Args, fs: Arc<Fs>, o: &Opts) -> Result<fuser::BackgroundSession, String> {
+/// A running mount: the FUSE session and whether we must unmount it ourselves.
+struct Mounted {
+    session: fuser::BackgroundSession,
+    /// Mounted with mount(2) directly (as root): unmount with umount2; otherwise fuser owns it.
+    direct: bool,
+}
+
+fn mount(args: &Args, fs: Arc<Fs>, o: &Opts) -> Result<Mounted, String> {
     use fuser::MountOption as M;
+    let source = o.fsname.clone().unwrap_or_else(|| args.remote.clone());
     let mut cfg = fuser::Config::default();
-    cfg.mount_options = vec![
-        M::FSName(o.fsname.clone().unwrap_or_else(|| args.remote.clone())),
-        M::Subtype("wraith".into()),
-        M::RO,
-        M::NoSuid,
-        M::NoDev,
-        M::NoAtime,
-    ];
+    cfg.mount_options = vec![M::FSName(source.clone()), M::Subtype("wraith".into()), M::RO, M::NoSuid, M::NoDev, M::NoAtime];
+    if o.noexec {
+        cfg.mount_options.push(M::NoExec);
+    }
     if o.default_permissions {
         cfg.mount_options.push(M::DefaultPermissions);
     }
@@ -213,8 +223,57 @@ fn mount(args: &Args, fs: Arc<Fs>, o: &Opts) -> Result<fuser::BackgroundSession,
     }
     cfg.n_threads = Some(o.threads);
     cfg.clone_fd = true;
-    fuser::spawn_mount(WraithFuse::new(fs), &args.mountpoint, &cfg)
-        .map_err(|e| format!("cannot mount on {}: {e}", args.mountpoint.display()))
+    // As root, mount(2) ourselves so /proc/mounts says fuse.wraith; otherwise fusermount3 (which
+    // also sets the subtype).
+    let direct = wraith::sys::mount::mount_fuse(&wraith::sys::mount::FuseMount {
+        source: &source,
+        target: &args.mountpoint,
+        fstype: "fuse.wraith",
+        read_only: true,
+        noexec: o.noexec,
+        allow_other: o.allow_other,
+        default_permissions: o.default_permissions,
+    });
+    let cannot = |e: std::io::Error| format!("cannot mount on {}: {e}", args.mountpoint.display());
+    match direct {
+        Ok(fd) => {
+            let acl = cfg.acl;
+            let session = fuser::Session::from_fd(WraithFuse::new(fs), fd, acl, cfg).and_then(|s| s.spawn());
+            match session {
+                Ok(session) => Ok(Mounted { session, direct: true }),
+                Err(e) => {
+                    let _ = wraith::sys::mount::unmount(&args.mountpoint, true);
+                    Err(cannot(e))
+                }
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fuser::spawn_mount(WraithFuse::new(fs), &args.mountpoint, &cfg)
+            .map(|session| Mounted { session, direct: false })
+            .map_err(cannot),
+        Err(e) => Err(cannot(e)),
+    }
+}
+
+impl Mounted {
+    fn finished(&self) -> bool {
+        self.session.guard.is_finished()
+    }
+
+    /// Unmount (lazily if busy) and wait for the session to end.
+    fn unmount(self, mountpoint: &Path) -> std::io::Result<()> {
+        if self.direct {
+            if let Err(e) = wraith::sys::mount::unmount(mountpoint, false) {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    wraith::sys::mount::unmount(mountpoint, true)?;
+                } else if e.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(e);
+                }
+            }
+            self.session.join()
+        } else {
+            self.session.umount_and_join()
+        }
+    }
 }
 
 fn report(ready: &mut Option<OwnedFd>, msg: &str) {
@@ -241,7 +300,7 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
-    let session = match mount(&args, fs.clone(), &o) {
+    let mounted = match mount(&args, fs.clone(), &o) {
         Ok(s) => s,
         Err(m) => return fail(&mut ready, m),
     };
@@ -254,32 +313,32 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
     match rx.recv_timeout(o.fs.timeout + Duration::from_secs(5)) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            let _ = session.umount_and_join();
+            let _ = mounted.unmount(&args.mountpoint);
             return fail(&mut ready, format!("mounted, but the mount does not answer: {e}"));
         }
         Err(_) => {
-            let _ = session.umount_and_join();
+            let _ = wraith::sys::mount::unmount(&args.mountpoint, true);
             return fail(&mut ready, "mounted, but the mount did not answer in time".into());
         }
     }
     tracing::info!(remote = %args.remote, mountpoint = %args.mountpoint.display(), "mounted");
+    wraith::daemon::notify_ready();
     if ready.is_some() {
+        // From here on nobody reads our stderr: log to syslog/journald and let go of the caller's
+        // terminal and pipes (a caller doing `out=$(mount ...)` must not wait for us).
+        wraith::logging::switch_to_syslog("wraith-mount");
+        let _ = process::detach_stdio(true);
         report(&mut ready, "OK");
-        if nix_isatty_stderr() {
-            let _ = process::detach_stdio(true);
-        } else {
-            let _ = process::detach_stdio(false);
-        }
     }
     loop {
-        if session.guard.is_finished() {
+        if mounted.finished() {
             tracing::info!("unmounted; exiting");
-            let _ = session.join();
+            let _ = mounted.session.join();
             return ExitCode::SUCCESS;
         }
         if stop.load(Ordering::Relaxed) {
             tracing::info!("signal received; unmounting");
-            return match session.umount_and_join() {
+            return match mounted.unmount(&args.mountpoint) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("unmount failed: {e} (try umount -l {})", args.mountpoint.display());
@@ -289,11 +348,6 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn nix_isatty_stderr() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal()
 }
 
 fn main() -> ExitCode {

@@ -1,5 +1,8 @@
 //! wraith-serve: export directories by name over the wraith protocol.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

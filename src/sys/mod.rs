@@ -5,5 +5,6 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod fs;
+pub mod mount;
 pub mod net;
 pub mod process;

@@ -47,6 +47,7 @@ struct Shared {
     client: Client,
     waiters: HashMap<u64, Waiter>,
     rejected: bool,
+    connected_once: bool,
 }
 
 /// Counters a person can read (`--stats`, logs).
@@ -142,7 +143,7 @@ impl ClientTransport {
     pub fn with_io(io: Arc<dyn DatagramIo>, peer: SocketAddr, psk: [u8; 32], max_datagram: usize) -> io::Result<Self> {
         let seed = rand::random::<u64>();
         let client = Client::new(Config { psk, max_datagram, seed }, Instant::now());
-        let shared = Arc::new(Mutex::new(Shared { client, waiters: HashMap::new(), rejected: false }));
+        let shared = Arc::new(Mutex::new(Shared { client, waiters: HashMap::new(), rejected: false, connected_once: false }));
         let t = ClientTransport { io, peer, shared };
         let (io, shared, peer) = (t.io.clone(), t.shared.clone(), t.peer);
         thread::Builder::new().name("wraith-net".into()).spawn(move || recv_loop(io, shared, peer))?;
@@ -201,14 +202,18 @@ fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
                 }
             }
             Event::AuthRejected => {
-                if !s.rejected {
+                // Before the first session the caller explains it; later it means the key changed.
+                if !s.rejected && s.connected_once {
                     tracing::error!("server {peer} rejected our key: check that -o keyfile= matches the server's --key");
                 }
                 s.rejected = true;
             }
             Event::Connected => {
                 s.rejected = false;
-                tracing::info!(%peer, "session established");
+                if s.connected_once {
+                    tracing::info!(%peer, "session re-established");
+                }
+                s.connected_once = true;
             }
         }
     }
@@ -216,7 +221,23 @@ fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
 
 fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr) {
     let mut bufs = RecvBufs::default();
+    let mut last_report = Instant::now();
     loop {
+        if last_report.elapsed() >= Duration::from_secs(5) && tracing::enabled!(tracing::Level::DEBUG) {
+            last_report = Instant::now();
+            let s = shared.lock().unwrap();
+            let c = &s.client;
+            tracing::debug!(
+                rtt_us = c.rtt().as_micros() as u64,
+                window = c.window(),
+                losses = c.losses(),
+                retransmits = c.stats.retransmits,
+                handshakes = c.stats.handshakes,
+                datagrams_in = c.stats.datagrams_in,
+                outstanding = c.outstanding(),
+                "transport"
+            );
+        }
         if Arc::strong_count(&shared) == 1 {
             return; // the transport was dropped
         }
