@@ -53,9 +53,9 @@ wraith options (passed on to wraith-mount):
   mem_cache=SIZE        in-memory chunk cache, e.g. 512M, 2G (default 256M)
   allow_other           let other users access the mount (implies default_permissions)
   default_permissions   let the kernel check permission bits
-  uid=N, gid=N          owner reported for the files
+  uid=N, gid=N          show every file as owned by user/group N
   ro                    read-only (always the case)
-  threads=N             FUSE worker threads
+  threads=N             FUSE worker threads (default 4)
   fsname=NAME           source shown in /proc/mounts (default: SPEC)
 
 Accepted and dropped (they belong to mount(8) or systemd):
@@ -140,7 +140,7 @@ fn main() -> ExitCode {
     if inv.verbose {
         let shown: Vec<String> = std::iter::once(program.as_os_str())
             .chain([inv.spec.as_os_str(), inv.dir.as_os_str()])
-            .chain(tail.iter().map(|s| s.as_os_str()))
+            .chain(tail.iter().map(OsString::as_os_str))
             .map(|s| shell_quote(&s.to_string_lossy()))
             .collect();
         let verb = if inv.fake { "would run" } else { "running" };
@@ -321,22 +321,6 @@ fn parse_options(s: &[u8]) -> Result<Vec<MountOpt>, OptError> {
     let mut quoted = false;
     let mut i = 0;
 
-    fn finish(
-        out: &mut Vec<MountOpt>,
-        name: &mut Vec<u8>,
-        value: &mut Option<Vec<u8>>,
-    ) -> Result<(), OptError> {
-        let (n, v) = (std::mem::take(name), value.take());
-        match (n.is_empty(), &v) {
-            (true, None) => Ok(()),
-            (true, Some(_)) => Err(OptError::EmptyName),
-            (false, _) => {
-                out.push(MountOpt { name: n, value: v });
-                Ok(())
-            }
-        }
-    }
-
     while i < s.len() {
         let c = s[i];
         i += 1;
@@ -346,7 +330,7 @@ fn parse_options(s: &[u8]) -> Result<Vec<MountOpt>, OptError> {
                 continue;
             }
             b',' if !quoted => {
-                finish(&mut out, &mut name, &mut value)?;
+                finish_item(&mut out, &mut name, &mut value)?;
                 continue;
             }
             b'=' if !quoted && value.is_none() => {
@@ -376,8 +360,25 @@ fn parse_options(s: &[u8]) -> Result<Vec<MountOpt>, OptError> {
     if quoted {
         return Err(OptError::UnterminatedQuote);
     }
-    finish(&mut out, &mut name, &mut value)?;
+    finish_item(&mut out, &mut name, &mut value)?;
     Ok(out)
+}
+
+/// Ends the item being parsed: pushes it, skips it when empty, refuses `=value` without a name.
+fn finish_item(
+    out: &mut Vec<MountOpt>,
+    name: &mut Vec<u8>,
+    value: &mut Option<Vec<u8>>,
+) -> Result<(), OptError> {
+    let (n, v) = (std::mem::take(name), value.take());
+    match (n.is_empty(), &v) {
+        (true, None) => Ok(()),
+        (true, Some(_)) => Err(OptError::EmptyName),
+        (false, _) => {
+            out.push(MountOpt { name: n, value: v });
+            Ok(())
+        }
+    }
 }
 
 /// `\NNN` as mount(8) and /proc/mounts write it: exactly three octal digits, at most 0377.
@@ -505,7 +506,7 @@ fn plan(opts: Vec<MountOpt>, sloppy: bool) -> Result<Plan, OptError> {
             Class::DropWarn(msg) => plan.warnings.push(msg.to_string()),
             Class::Refuse(msg) => return Err(OptError::Refused(msg.to_string())),
             Class::NotYet(why) if sloppy => {
-                plan.warnings.push(format!("ignoring '{name}' (-s): {why}"))
+                plan.warnings.push(format!("ignoring '{name}' (-s): {why}"));
             }
             Class::NotYet(why) => {
                 return Err(OptError::Refused(format!(
