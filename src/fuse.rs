@@ -137,7 +137,7 @@ impl Filesystem for WraithFuse {
     ) {
         let _s = tracing::debug_span!("read", fh = fh.0, offset, size).entered();
         match self.fs.read(ctx(req), fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
+            Ok(d) => reply.data(d.bytes()),
             Err(e) => reply.error(err(e)),
         }
     }

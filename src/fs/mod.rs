@@ -6,6 +6,8 @@ pub mod flight;
 pub mod inodes;
 mod read;
 
+pub use read::ReadData;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -290,7 +292,7 @@ impl Fs {
         self.handles.lock().unwrap().get(&fh).cloned().ok_or(Error::Invalid)
     }
 
-    pub fn read(&self, ctx: Ctx, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, ctx: Ctx, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
         let h = self.handle(fh)?;
         read::read(self, ctx, &h, offset, size)
     }

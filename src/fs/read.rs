@@ -124,10 +124,25 @@ pub fn chunk(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<VerifiedChunk> {
     })
 }
 
-pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Result<Vec<u8>> {
+/// Bytes for a reader: a window into one verified chunk (no copy), or bytes gathered from several.
+pub enum ReadData {
+    Slice(VerifiedChunk, usize, usize),
+    Owned(Vec<u8>),
+}
+
+impl ReadData {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            ReadData::Slice(c, from, to) => &c.bytes()[*from..*to],
+            ReadData::Owned(v) => v,
+        }
+    }
+}
+
+pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Result<ReadData> {
     let fsize = h.info.attr.size;
     if offset >= fsize || size == 0 {
-        return Ok(Vec::new());
+        return Ok(ReadData::Owned(Vec::new()));
     }
     let end = (offset + size as u64).min(fsize);
     let log2 = h.geom.chunk_log2;
@@ -149,6 +164,13 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
             fs.prefetch.push(h.clone(), c);
         }
     }
+    if first == last {
+        let chunk = chunk(fs, ctx, h, first)?;
+        let base = h.geom.chunk_offset(first);
+        let (from, to) = ((offset - base) as usize, (end - base) as usize);
+        fs.counters.bytes_read.fetch_add((to - from) as u64, Ordering::Relaxed);
+        return Ok(ReadData::Slice(chunk, from, to));
+    }
     let mut out = Vec::with_capacity((end - offset) as usize);
     for c in first..=last {
         let chunk = chunk(fs, ctx, h, c)?;
@@ -158,7 +180,7 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
         out.extend_from_slice(&chunk.bytes()[from as usize..to as usize]);
     }
     fs.counters.bytes_read.fetch_add(out.len() as u64, Ordering::Relaxed);
-    Ok(out)
+    Ok(ReadData::Owned(out))
 }
 
 type Job = (Arc<Handle>, u64);

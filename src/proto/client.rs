@@ -286,7 +286,7 @@ impl Client {
                     }
                 }
             }
-            Kind::Response => self.on_response(now, h, d),
+            Kind::Response => self.on_response(now, d),
             Kind::Hello | Kind::Request => {}
         }
     }
@@ -342,15 +342,36 @@ impl Client {
         self.flush(now);
     }
 
-    fn on_response(&mut self, now: Instant, h: Header, d: &[u8]) {
-        let State::Up { session, keys } = &self.state else { return };
+    /// The key that authenticates RESPONSE datagrams of the current session, so that other threads
+    /// can check MACs in parallel before taking the lock (see [`ResponseKey::authenticate`]).
+    pub fn response_key(&self) -> Option<ResponseKey> {
+        match &self.state {
+            State::Up { session, keys } => Some(ResponseKey { session: *session, key: keys.s2c }),
+            State::Handshaking { .. } => None,
+        }
+    }
+
+    fn on_response(&mut self, now: Instant, d: &[u8]) {
+        let Some(key) = self.response_key() else { return };
+        match key.authenticate(d) {
+            Some(a) => self.on_authentic(now, a),
+            None => self.stats.dropped_bad_mac += 1,
+        }
+    }
+
+    /// Take a RESPONSE whose MAC was already checked (possibly on another thread). A datagram of a
+    /// session that has since been replaced is ignored.
+    pub fn handle_authentic(&mut self, now: Instant, a: Authentic<'_>) {
+        self.stats.datagrams_in += 1;
+        self.on_authentic(now, a);
+    }
+
+    fn on_authentic(&mut self, now: Instant, a: Authentic<'_>) {
+        let Authentic { h, body } = a;
+        let State::Up { session, .. } = &self.state else { return };
         if h.session != *session {
             return;
         }
-        let Some(body) = wire::open(&keys.s2c, d) else {
-            self.stats.dropped_bad_mac += 1;
-            return;
-        };
         if !self.replay.accept(h.pn) {
             self.stats.dropped_replay += 1;
             return;
@@ -461,6 +482,34 @@ impl Client {
         r.retransmitted |= retransmit;
         self.stats.datagrams_out += 1;
         self.out.push_back(d);
+    }
+}
+
+/// Authenticates RESPONSE datagrams of one session; cheap to clone, usable on any thread.
+#[derive(Clone)]
+pub struct ResponseKey {
+    session: u64,
+    key: [u8; 32],
+}
+
+/// A RESPONSE datagram whose MAC checked out. Only [`ResponseKey::authenticate`] makes one.
+pub struct Authentic<'a> {
+    h: Header,
+    body: &'a [u8],
+}
+
+impl ResponseKey {
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    pub fn authenticate<'a>(&self, d: &'a [u8]) -> Option<Authentic<'a>> {
+        let h = Header::decode(d)?;
+        if h.kind != Kind::Response || h.session != self.session {
+            return None;
+        }
+        let body = wire::open(&self.key, d)?;
+        Some(Authentic { h, body })
     }
 }
 

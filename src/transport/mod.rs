@@ -41,6 +41,8 @@ pub fn path_max_datagram(sock: &UdpSocket, peer: SocketAddr) -> usize {
     }
 }
 
+const RECV_THREADS: usize = 2;
+
 type Waiter = SyncSender<Result<Vec<u8>, Error>>;
 
 struct Shared {
@@ -145,8 +147,12 @@ impl ClientTransport {
         let client = Client::new(Config { psk, max_datagram, seed }, Instant::now());
         let shared = Arc::new(Mutex::new(Shared { client, waiters: HashMap::new(), rejected: false, connected_once: false }));
         let t = ClientTransport { io, peer, shared };
-        let (io, shared, peer) = (t.io.clone(), t.shared.clone(), t.peer);
-        thread::Builder::new().name("wraith-net".into()).spawn(move || recv_loop(io, shared, peer))?;
+        // Two receive threads: MAC checks (~1.5 µs per 1.4 KB datagram) run in parallel, outside
+        // the protocol lock; only the bookkeeping is serialized.
+        for i in 0..RECV_THREADS {
+            let (io, shared, peer) = (t.io.clone(), t.shared.clone(), t.peer);
+            thread::Builder::new().name(format!("wraith-net{i}")).spawn(move || recv_loop(io, shared, peer, i == 0))?;
+        }
         Ok(t)
     }
 
@@ -219,11 +225,11 @@ fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
     }
 }
 
-fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr) {
+fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr, reporter: bool) {
     let mut bufs = RecvBufs::default();
     let mut last_report = Instant::now();
     loop {
-        if last_report.elapsed() >= Duration::from_secs(5) && tracing::enabled!(tracing::Level::DEBUG) {
+        if reporter && last_report.elapsed() >= Duration::from_secs(5) && tracing::enabled!(tracing::Level::DEBUG) {
             last_report = Instant::now();
             let s = shared.lock().unwrap();
             let c = &s.client;
@@ -238,35 +244,41 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
                 "transport"
             );
         }
-        if Arc::strong_count(&shared) == 1 {
+        if Arc::strong_count(&shared) <= RECV_THREADS {
             return; // the transport was dropped
         }
-        let wait = {
+        let (wait, key) = {
             let s = shared.lock().unwrap();
             let now = Instant::now();
-            s.client.poll_timeout().map_or(Duration::from_millis(100), |t| t.saturating_duration_since(now))
-        }
-        .min(Duration::from_millis(100));
+            let wait = s.client.poll_timeout().map_or(Duration::from_millis(100), |t| t.saturating_duration_since(now));
+            (wait.min(Duration::from_millis(100)), s.client.response_key())
+        };
         let readable = io.wait_readable(wait).unwrap_or(false);
-        let mut s = shared.lock().unwrap();
-        let now = Instant::now();
         if readable {
-            let client = &mut s.client;
             let r = io.recv_now(&mut bufs, &mut |from, d| {
-                if from.ip().to_canonical() == peer.ip().to_canonical() && from.port() == peer.port() {
-                    client.handle_datagram(now, d);
+                if from.ip().to_canonical() != peer.ip().to_canonical() || from.port() != peer.port() {
+                    return;
                 }
+                // Check the MAC before taking the lock; everything else goes the slow way.
+                let auth = key.as_ref().and_then(|k| k.authenticate(d));
+                let mut s = shared.lock().unwrap();
+                let now = Instant::now();
+                match auth {
+                    Some(a) => s.client.handle_authentic(now, a),
+                    None => s.client.handle_datagram(now, d),
+                }
+                drive(&*io, peer, &mut s);
             });
             if let Err(e) = r {
                 // ECONNREFUSED from an ICMP port-unreachable: the server is down; timers handle it.
                 if e.raw_os_error() != Some(libc::ECONNREFUSED) {
                     tracing::debug!(error = %e, "recv failed");
                 }
-                drop(s);
                 thread::sleep(Duration::from_millis(5));
-                s = shared.lock().unwrap();
             }
         }
+        let mut s = shared.lock().unwrap();
+        let now = Instant::now();
         if s.client.poll_timeout().is_some_and(|t| t <= now) {
             s.client.handle_timeout(now);
         }
