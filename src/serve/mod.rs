@@ -234,3 +234,82 @@ fn work(io: &dyn DatagramIo, handler: &Handler, job: Job) {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::verify_leaves;
+
+    fn handler(dir: &std::path::Path, chunk: &str) -> Handler {
+        let spec = export::parse_export_spec(&format!("s={},chunk={chunk}", dir.join("data").display())).unwrap();
+        let index = HashIndex::open(&dir.join("state")).unwrap();
+        Handler::new(Exports::new(vec![spec]).unwrap(), index)
+    }
+
+    fn open(h: &Handler, name: &str) -> FileInfo {
+        loop {
+            match h.handle(Request::Open { share: "s".into(), path: name.as_bytes().to_vec() }) {
+                Response::Opened { info, .. } => return info,
+                Response::Error(Error::Busy) => std::thread::sleep(Duration::from_millis(50)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Bytes the client needs before it can verify the first chunk: the first leaf block and its
+    /// proof. It must not grow with the file (only the proof grows, logarithmically).
+    fn first_byte_cost(h: &Handler, name: &str) -> (usize, usize) {
+        let info = open(h, name);
+        let n = info.attr.size.div_ceil(1 << info.chunk_log2);
+        let resp = h.handle(Request::Cvs {
+            share: "s".into(),
+            path: name.as_bytes().to_vec(),
+            version: info.attr.version(),
+            first: 0,
+            count: 1024,
+        });
+        let bytes = resp.encode().len();
+        let Response::Cvs { leaves, proof } = resp else { panic!() };
+        verify_leaves(n, 0, &leaves, &proof, &blake3::Hash::from_bytes(info.root)).unwrap();
+        (bytes, proof.len())
+    }
+
+    #[test]
+    fn first_byte_does_not_fetch_all_leaf_values() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("data")).unwrap();
+        // 1 KiB chunks: a 64 MiB file has 65,536 chunks, like a 16 GiB file at 256 KiB.
+        let big = std::fs::File::create(d.path().join("data/big")).unwrap();
+        big.set_len(64 << 20).unwrap();
+        std::fs::write(d.path().join("data/small"), vec![7u8; 1 << 20]).unwrap();
+        let h = handler(d.path(), "1K");
+        let (small_bytes, small_proof) = first_byte_cost(&h, "small");
+        let (big_bytes, big_proof) = first_byte_cost(&h, "big");
+        assert_eq!(small_proof, 0, "1024 chunks: the first block is the whole tree");
+        assert!(big_proof <= 7, "proof of one block in 65,536 leaves: {big_proof} values");
+        // 64× more chunks cost at most a few hundred bytes more before the first byte.
+        assert!(big_bytes <= small_bytes + 7 * 32 + 16, "{big_bytes} vs {small_bytes}");
+        // All 65,536 values would be 2 MiB.
+        assert!(big_bytes < 40 << 10);
+    }
+
+    #[test]
+    fn read_of_a_changed_file_is_stale() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("data")).unwrap();
+        std::fs::write(d.path().join("data/f"), vec![1u8; 300 << 10]).unwrap();
+        let h = handler(d.path(), "64K");
+        let info = open(&h, "f");
+        let read = |h: &Handler| {
+            h.handle(Request::Read { share: "s".into(), path: b"f".to_vec(), version: info.attr.version(), index: 1 })
+        };
+        assert!(matches!(read(&h), Response::Data(d) if d.len() == 64 << 10));
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(d.path().join("data/f"), vec![2u8; 200 << 10]).unwrap();
+        assert_eq!(read(&h), Response::Error(Error::Stale));
+        assert_eq!(
+            h.handle(Request::Attach { share: "nope".into() }),
+            Response::Error(Error::NotFound)
+        );
+    }
+}
