@@ -165,6 +165,17 @@ impl Request {
 }
 
 impl Response {
+    /// Encode, consuming: a data payload gets its tag appended in place instead of being copied.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Response::Data(mut d) => {
+                d.push(7);
+                d
+            }
+            other => other.encode(),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut w = W::new();
         let tag = match self {
@@ -359,6 +370,7 @@ mod tests {
         ];
         for r in resps {
             assert_eq!(Response::decode(r.encode()).unwrap(), r);
+            assert_eq!(r.clone().into_bytes(), r.encode());
         }
     }
 

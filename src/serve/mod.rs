@@ -96,9 +96,10 @@ impl Handler {
                 if index >= geom.n_chunks() {
                     return Err(Error::Invalid);
                 }
-                let mut buf = vec![0u8; geom.chunk_len(index) + 1];
-                read_exact_at(&file, &mut buf[..geom.chunk_len(index)], geom.chunk_offset(index))?;
-                buf.pop();
+                // One spare byte so the response tag goes on without reallocating.
+                let mut buf = Vec::with_capacity(geom.chunk_len(index) + 1);
+                buf.resize(geom.chunk_len(index), 0);
+                read_exact_at(&file, &mut buf, geom.chunk_offset(index))?;
                 Response::Data(buf)
             }
             Request::StatFs { share } => Response::StatFs(self.exports.statfs(self.share(&share)?)?),
@@ -227,7 +228,7 @@ fn work(io: &dyn DatagramIo, handler: &Handler, job: Job) {
     };
     let span = tracing::debug_span!("request", id = job.id, session = job.session.id);
     let _g = span.enter();
-    let resp = handler.handle(req).encode();
+    let resp = handler.handle(req).into_bytes();
     let b = job.session.encode_response(job.id, &resp, &job.missing);
     if let Err(e) = io.send_burst(job.peer, &b.buf, b.seg) {
         tracing::debug!(error = %e, peer = %job.peer, "send failed");

@@ -282,8 +282,10 @@ netns_teardown() {
     return 0
 }
 
-# in_ns NS CMD...: run CMD in namespace NS's network (and only network) namespace, so that
-# mounts it makes are visible to us. NS empty: run CMD here.
+# in_ns NS CMD...: run CMD in namespace NS's network namespace only. Not `ip netns exec`: that
+# also makes a private mount namespace, so a FUSE mount made inside it would be invisible to
+# us, and every FUSE mount that exists when it starts is copied into it and outlives our umount
+# (the mount daemon then never sees the unmount). NS empty: run CMD here.
 in_ns() {
     local ns=$1
     shift
@@ -308,7 +310,7 @@ make_key() {
 
 # drop_caches: flush the page cache (cold reads). Returns non-zero where not allowed.
 drop_caches() {
-    sync
+    timeout 60 sync
     echo 3 >/proc/sys/vm/drop_caches 2>/dev/null
 }
 
@@ -396,11 +398,8 @@ start_server() {
     local ns=$1 logf=$2
     shift 2
     printf '=== %s wraith-serve %s\n' "$(date +%T.%N)" "$*" >>"$logf"
-    if [ -n "$ns" ]; then
-        ip netns exec "$ns" "$WRAITH_BIN/wraith-serve" "$@" >>"$logf" 2>&1 </dev/null &
-    else
-        "$WRAITH_BIN/wraith-serve" "$@" >>"$logf" 2>&1 </dev/null &
-    fi
+    # in_ns execs (nsenter without --fork), so $! is the server itself.
+    in_ns "$ns" "$WRAITH_BIN/wraith-serve" "$@" >>"$logf" 2>&1 </dev/null &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
 }
@@ -410,11 +409,7 @@ wait_udp_listen() {
     local ns=$1 addr=$2 port=$3 pid=$4 secs=${5:-20} i ssargs=(-H -u -l -n)
     for ((i = 0; i < secs * 10; i++)); do
         kill -0 "$pid" 2>/dev/null || return 2
-        if [ -n "$ns" ]; then
-            ip netns exec "$ns" ss "${ssargs[@]}" 2>/dev/null
-        else
-            ss "${ssargs[@]}" 2>/dev/null
-        fi | awk '{print $4}' | grep -qxF -e "$addr:$port" -e "[$addr]:$port" -e "*:$port" -e "[::]:$port" && return 0
+        in_ns "$ns" ss "${ssargs[@]}" 2>/dev/null | awk '{print $4}' | grep -qxF -e "$addr:$port" -e "[$addr]:$port" -e "*:$port" -e "[::]:$port" && return 0
         sleep 0.1
     done
     return 1
@@ -493,7 +488,11 @@ umount_ok() {
     if [ -z "$(pids_with_arg "$mnt")" ]; then
         ok "$name: mount daemon exits after umount"
     else
-        not_ok "$name: mount daemon exits after umount" "pid $(pids_with_arg "$mnt" | tr '\n' ' ')still running after 10 s"
+        local p waits=
+        for p in $(pids_with_arg "$mnt"); do
+            waits+="$p: $(for t in /proc/"$p"/task/*; do cat "$t/wchan" 2>/dev/null; echo; done | sort | uniq -c | tr -s ' \n' ' ')"
+        done
+        not_ok "$name: mount daemon exits after umount" "still running 10 s after umount (pid: thread wait channels) $waits"
     fi
 }
 
