@@ -16,6 +16,22 @@ use crate::error::Error;
 use crate::fs::{Ctx, Fs};
 use crate::types::{Attr, FileKind};
 
+const NEGATIVE: Attr = Attr {
+    kind: FileKind::File,
+    perm: 0,
+    nlink: 0,
+    uid: 0,
+    gid: 0,
+    size: 0,
+    blocks: 0,
+    rdev: 0,
+    atime_ns: 0,
+    mtime_ns: 0,
+    ctime_ns: 0,
+    dev: 0,
+    ino: 0,
+};
+
 pub struct WraithFuse {
     fs: Arc<Fs>,
 }
@@ -86,6 +102,13 @@ impl Filesystem for WraithFuse {
         let _s = tracing::debug_span!("lookup", parent = parent.0, name = ?name).entered();
         match self.fs.lookup(ctx(req), parent.0, name.as_bytes()) {
             Ok((ino, a)) => reply.entry(&self.fs.attr_ttl(), &fattr(ino, &a), Generation(0)),
+            // A negative entry (inode 0): the kernel remembers "no such name" for attr_timeout,
+            // so repeated probes (PATH, python imports) do not each cost a round trip.
+            Err(Error::NotFound) => {
+                let mut a = fattr(0, &NEGATIVE);
+                a.ino = INodeNo(0);
+                reply.entry(&self.fs.attr_ttl(), &a, Generation(0))
+            }
             Err(e) => reply.error(err(e)),
         }
     }
