@@ -39,15 +39,53 @@ pub struct ServeConfig {
     pub workers: usize,
 }
 
+/// Open files kept between requests, so that chunk reads of one file reuse one descriptor (no
+/// path walk per chunk, and the kernel's readahead state survives).
+const OPEN_FILES: usize = 64;
+
+type FileKey = (u32, Vec<u8>);
+
 /// The filesystem side: answers decoded requests. No sockets here.
 pub struct Handler {
     exports: Exports,
     index: HashIndex,
+    files: Mutex<lru::LruCache<FileKey, Arc<std::fs::File>>>,
+}
+
+fn version_of(f: &std::fs::File) -> Option<crate::types::Version> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata().ok()?;
+    Some(crate::types::Version {
+        dev: m.dev(),
+        ino: m.ino(),
+        size: m.size(),
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+    })
 }
 
 impl Handler {
     pub fn new(exports: Exports, index: HashIndex) -> Self {
-        Handler { exports, index }
+        let files = Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(OPEN_FILES).unwrap()));
+        Handler { exports, index, files }
+    }
+
+    /// The file at `path` if it still is `version`: from the open-file cache when its descriptor
+    /// still shows that version, else opened afresh (beneath the export). Stale otherwise.
+    fn file_at_version(&self, share: u32, path: &[u8], version: crate::types::Version) -> Result<Arc<std::fs::File>, Error> {
+        let key = (share, path.to_vec());
+        if let Some(f) = self.files.lock().unwrap().get(&key).cloned() {
+            if version_of(&f) == Some(version) {
+                return Ok(f);
+            }
+        }
+        let (file, attr) = self.exports.open_file(share, path)?;
+        if attr.version() != version {
+            return Err(Error::Stale);
+        }
+        let f = Arc::new(file);
+        self.files.lock().unwrap().put(key, f.clone());
+        Ok(f)
     }
 
     fn share(&self, name: &str) -> Result<u32, Error> {
@@ -77,22 +115,16 @@ impl Handler {
             Request::Open { share, path } => self.open(self.share(&share)?, &path)?,
             Request::Cvs { share, path, version, first, count } => {
                 let s = self.share(&share)?;
-                let (file, attr) = self.exports.open_file(s, &path)?;
-                if attr.version() != version {
-                    return Err(Error::Stale);
-                }
-                let tree = self.index.get(Arc::new(file), version, self.exports.chunk_log2(s), HASH_WAIT)?;
+                let file = self.file_at_version(s, &path, version)?;
+                let tree = self.index.get(file, version, self.exports.chunk_log2(s), HASH_WAIT)?;
                 let leaves = tree.leaves(first, count.min(MAX_CVS) as u64).map_err(|e| Error::from_io(&e))?;
                 let proof = tree.prove(first, leaves.len() as u64).map_err(|e| Error::from_io(&e))?;
                 Response::Cvs { leaves, proof }
             }
             Request::Read { share, path, version, index } => {
                 let s = self.share(&share)?;
-                let (file, attr) = self.exports.open_file(s, &path)?;
-                if attr.version() != version {
-                    return Err(Error::Stale);
-                }
-                let geom = Geometry::new(attr.size, self.exports.chunk_log2(s)).map_err(|_| Error::Invalid)?;
+                let file = self.file_at_version(s, &path, version)?;
+                let geom = Geometry::new(version.size, self.exports.chunk_log2(s)).map_err(|_| Error::Invalid)?;
                 if index >= geom.n_chunks() {
                     return Err(Error::Invalid);
                 }
@@ -100,6 +132,10 @@ impl Handler {
                 let mut buf = Vec::with_capacity(geom.chunk_len(index) + 1);
                 buf.resize(geom.chunk_len(index), 0);
                 read_exact_at(&file, &mut buf, geom.chunk_offset(index))?;
+                // The bytes must belong to that version: a write during the read changes ctime.
+                if version_of(&file) != Some(version) {
+                    return Err(Error::Stale);
+                }
                 Response::Data(buf)
             }
             Request::StatFs { share } => Response::StatFs(self.exports.statfs(self.share(&share)?)?),

@@ -106,6 +106,11 @@ summary() {
         for n in "${FAILED_NAMES[@]}"; do log "  $n"; done
     fi
     printf '%d passed, %d failed\n' "$PASS" "$FAIL"
+    # For scripts/test, which reads the counts without piping our output (a pipe could be held
+    # open by a daemon that outlived us).
+    if [ -n "${WRAITH_E2E_RESULT:-}" ]; then
+        printf '%d %d\n' "$PASS" "$FAIL" >"$WRAITH_E2E_RESULT"
+    fi
 }
 
 # --- time -------------------------------------------------------------------------------------
@@ -165,6 +170,22 @@ pids_with_arg() {
     done
 }
 
+# pids_mentioning STR: pids of processes with STR inside one of their arguments (STR is our
+# unique work directory, so these are processes this run started), not counting this shell.
+pids_mentioning() {
+    local p a
+    for p in /proc/[0-9]*; do
+        [ "${p#/proc/}" = "$$" ] || [ "${p#/proc/}" = "$BASHPID" ] && continue
+        [ -r "$p/cmdline" ] || continue
+        while IFS= read -r -d '' a; do
+            if [[ $a == *"$1"* ]]; then
+                printf '%s\n' "${p#/proc/}"
+                break
+            fi
+        done <"$p/cmdline" 2>/dev/null
+    done
+}
+
 # stop_pid PID [GRACE_SECS]: TERM, wait up to GRACE, then KILL. Only for pids we started.
 stop_pid() {
     local pid=$1 grace=${2:-5} i
@@ -203,12 +224,19 @@ cleanup() {
     for p in "${PIDS[@]}"; do
         stop_pid "$p" 3
     done
-    # Daemonized mount processes of our mount points (unmounting normally ends them).
+    # Daemonized mount processes of our mount points (unmounting normally ends them), and
+    # anything else still running with our work directory in its arguments.
     for m in "${MOUNTS[@]}"; do
         for p in $(pids_with_arg "$m"); do
             stop_pid "$p" 3
         done
     done
+    if [ -n "$WORK" ]; then
+        for p in $(pids_mentioning "$WORK/"); do
+            log "stopping leftover process $p: $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | cut -c 1-200)"
+            stop_pid "$p" 3
+        done
+    fi
     netns_teardown
     if [ -n "$WORK" ] && [ -d "$WORK" ]; then
         if findmnt -rn -o TARGET | grep -qF "$WORK"; then
@@ -398,8 +426,14 @@ start_server() {
     local ns=$1 logf=$2
     shift 2
     printf '=== %s wraith-serve %s\n' "$(date +%T.%N)" "$*" >>"$logf"
-    # in_ns execs (nsenter without --fork), so $! is the server itself.
-    in_ns "$ns" "$WRAITH_BIN/wraith-serve" "$@" >>"$logf" 2>&1 </dev/null &
+    # Started directly, not through a function (that would fork a subshell): nsenter execs the
+    # server, so $! is the server itself and killing it kills the server. 7 and 8 (our saved
+    # stdout/stderr) are closed so that nothing left running can hold a caller's pipe open.
+    if [ -n "$ns" ]; then
+        nsenter --net="/run/netns/$ns" -- "$WRAITH_BIN/wraith-serve" "$@" >>"$logf" 2>&1 </dev/null 7>&- 8>&- &
+    else
+        "$WRAITH_BIN/wraith-serve" "$@" >>"$logf" 2>&1 </dev/null 7>&- 8>&- &
+    fi
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
 }
@@ -441,7 +475,7 @@ mount_wraith() {
     [ -n "$opts" ] && args+=(-o "$opts")
     printf '=== %s wraith-mount %s\n' "$(date +%T.%N)" "${args[*]} $*" >>"$WORK/logs/mount-all.log"
     in_ns "$ns" timeout 90 "$WRAITH_BIN/wraith-mount" "${args[@]}" "$@" \
-        >"$WORK/logs/mount.out" 2>"$WORK/logs/mount.err" </dev/null
+        >"$WORK/logs/mount.out" 2>"$WORK/logs/mount.err" </dev/null 7>&- 8>&-
     rc=$?
     cat "$WORK/logs/mount.out" "$WORK/logs/mount.err" >>"$WORK/logs/mount-all.log" 2>/dev/null
     return "$rc"
@@ -492,7 +526,11 @@ umount_ok() {
         for p in $(pids_with_arg "$mnt"); do
             waits+="$p: $(for t in /proc/"$p"/task/*; do cat "$t/wchan" 2>/dev/null; echo; done | sort | uniq -c | tr -s ' \n' ' ')"
         done
-        not_ok "$name: mount daemon exits after umount" "still running 10 s after umount (pid: thread wait channels) $waits"
+        # A copy of the mount in another mount namespace keeps the FUSE connection alive.
+        local holders
+        holders=$(grep -lF " $mnt " /proc/[0-9]*/mountinfo 2>/dev/null | head -n 5 |
+            while IFS= read -r f; do p=${f#/proc/}; p=${p%/mountinfo}; printf '%s(%s) ' "$p" "$(cat "/proc/$p/comm" 2>/dev/null)"; done)
+        not_ok "$name: mount daemon exits after umount" "still running 10 s after umount (pid: thread wait channels) $waits; mount still present in the mount namespaces of: ${holders:-none}"
     fi
 }
 

@@ -472,7 +472,7 @@ suite_restart() {
     drop_caches || log "drop_caches not permitted: the read may be faster than the kill"
     big_bytes=$((BIG_MIB * 1048576))
     t0=$(now)
-    timeout 300 cmp "$SRC/big.bin" "$M/big.bin" >"$WORK/logs/restart-cmp.out" 2>&1 &
+    timeout 300 cmp "$SRC/big.bin" "$M/big.bin" >"$WORK/logs/restart-cmp.out" 2>&1 7>&- 8>&- &
     tpid=$!
     PIDS+=("$tpid")
     # Kill after ~0.5 s, or earlier once cmp has read about a quarter of the mounted file.
@@ -554,7 +554,7 @@ suite_mount_helper() {
     [ -f "$script" ] || { not_ok "mount_helper: $script exists" "missing"; return; }
     ensure_lo_server || return
     WRAITH_BIN=$WRAITH_BIN SERVER_SPEC="127.0.0.1:$LO_PORT:/tree" KEYFILE=$KEY SRC=$SRC \
-        timeout 900 bash "$script" >"$WORK/logs/mount_helper.out" 2>&1 </dev/null
+        timeout 900 bash "$script" >"$WORK/logs/mount_helper.out" 2>&1 </dev/null 7>&- 8>&-
     rc=$?
     while IFS= read -r line; do
         case $line in
