@@ -4,6 +4,8 @@
 #![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod disk;
 pub mod fs;
 pub mod net;
 pub mod process;
+pub mod uring;
