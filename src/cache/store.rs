@@ -147,6 +147,12 @@ impl Store {
         self.shared.io.mode()
     }
 
+    /// (SQEs submitted, io_uring_enter calls): how well submissions batch.
+    pub fn io_stats(&self) -> (u64, u64) {
+        let s = &self.shared.io.stats;
+        (s.sqes.load(Ordering::Relaxed), s.enters.load(Ordering::Relaxed))
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
     }
