@@ -125,7 +125,13 @@ pub struct Fs {
     sources: Mutex<HashMap<u64, Source>>,
     /// When a request last timed out (cleared by the next answer).
     offline_at: Mutex<Option<Instant>>,
+    /// What the server last said about each path, kept after the kernel forgets the inode, so
+    /// that cached files stay reachable while the server does not answer.
+    known: Mutex<lru::LruCache<Vec<u8>, (Attr, Option<FileInfo>)>>,
 }
+
+/// Paths remembered for offline use.
+const KNOWN_PATHS: usize = 65536;
 
 impl Fs {
     /// Attach to the share: checks the key, the share and the subdirectory, with clear errors.
@@ -160,6 +166,7 @@ impl Fs {
             disk,
             sources: Mutex::new(HashMap::new()),
             offline_at: Mutex::new(None),
+            known: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(KNOWN_PATHS).unwrap())),
             cfg,
             net,
         });
@@ -221,6 +228,12 @@ impl Fs {
         self.call(ctx, req, expect)
     }
 
+    fn learn(&self, path: &[u8], attr: Attr, info: Option<FileInfo>) {
+        let mut k = self.known.lock().unwrap();
+        let keep = info.or_else(|| k.peek(path).and_then(|old| old.1).filter(|i| i.attr.version() == attr.version()));
+        k.put(path.to_vec(), (attr, keep));
+    }
+
     pub fn disk_cache(&self) -> Option<&Arc<Store>> {
         self.disk.as_ref()
     }
@@ -260,8 +273,12 @@ impl Fs {
         }
         let path = join(&self.node_path(parent)?, name);
         let cached = self.inodes.lock().unwrap().find(&path);
+        let cached = cached.or_else(|| self.known.lock().unwrap().get(&path).map(|k| k.0));
         let attr = match self.call_unless_offline(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024, cached.is_some()) {
-            Ok(Response::Attr(a)) => a,
+            Ok(Response::Attr(a)) => {
+                self.learn(&path, a, None);
+                a
+            }
             Ok(_) => return Err(Error::Invalid),
             // Server unreachable: what we knew about the name (it stays readable if cached).
             Err(Error::RemoteTimeout) if cached.is_some() => cached.unwrap(),
@@ -298,8 +315,11 @@ impl Fs {
         if let Some(a) = cached {
             return Ok(self.present(a));
         }
-        let attr = match self.call_unless_offline(ctx, &Request::Stat { share: self.share(), path }, 1024, true) {
-            Ok(Response::Attr(a)) => a,
+        let attr = match self.call_unless_offline(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024, true) {
+            Ok(Response::Attr(a)) => {
+                self.learn(&path, a, None);
+                a
+            }
             Ok(_) => return Err(Error::Invalid),
             Err(Error::RemoteTimeout) => {
                 let t = self.inodes.lock().unwrap();
@@ -355,9 +375,13 @@ impl Fs {
     pub fn open(&self, ctx: Ctx, ino: u64) -> Result<(u64, bool)> {
         let path = self.node_path(ino)?;
         let cached = self.infos.lock().unwrap().get(&ino).copied();
+        let cached = cached.or_else(|| self.known.lock().unwrap().get(&path).and_then(|k| k.1));
         let req = Request::Open { share: self.share(), path: path.clone() };
         let (info, inline) = match self.call_unless_offline(ctx, &req, 70 << 10, cached.is_some()) {
-            Ok(Response::Opened { info, inline }) => (info, inline),
+            Ok(Response::Opened { info, inline }) => {
+                self.learn(&path, info.attr, Some(info));
+                (info, inline)
+            }
             Ok(_) => return Err(Error::Invalid),
             Err(Error::RemoteTimeout) if cached.is_some() => {
                 self.counters.offline_opens.fetch_add(1, Ordering::Relaxed);
@@ -370,7 +394,12 @@ impl Fs {
         if let Some(data) = inline {
             let root = blake3::Hash::from_bytes(info.root);
             match VerifiedChunk::verify(&geom, &root, 0, None, data) {
-                Ok(c) => self.chunks.insert((info.root, 0), c, Source::Network),
+                Ok(c) => {
+                    if let Some(d) = &self.disk {
+                        d.admit(&info.root, &geom, None, &c);
+                    }
+                    self.chunks.insert((info.root, 0), c, Source::Network)
+                }
                 Err(_) => {
                     self.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(file = %String::from_utf8_lossy(&path), "inline data failed verification; will refetch");
