@@ -32,6 +32,8 @@ const MAX_FDS: usize = 256;
 const READ_DEADLINE: Duration = Duration::from_secs(10);
 const BUF_SIZE: usize = 512 << 10;
 const N_BUFS: usize = 32;
+/// Waits of 100 ms for the directory's lock.
+const LOCK_TRIES: u32 = 30;
 
 /// What the store and its writer thread share.
 pub(super) struct Shared {
@@ -85,8 +87,14 @@ impl Store {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| ctx("chmod", e))?;
         let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join("lock"));
         let lock = lock.map_err(|e| ctx("lock file", e))?;
-        if !disk::try_lock_exclusive(&lock).map_err(|e| ctx("lock", e))? {
-            return Err(format!("cache {} is in use by another mount (give each mount its own cache_dir)", dir.display()));
+        // A mount that was just unmounted may still be flushing: give it a moment.
+        let mut tries = 0;
+        while !disk::try_lock_exclusive(&lock).map_err(|e| ctx("lock", e))? {
+            tries += 1;
+            if tries > LOCK_TRIES {
+                return Err(format!("cache {} is in use by another mount (give each mount its own cache_dir)", dir.display()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         let jpath = dir.join("journal");
         let mut jf = OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&jpath);

@@ -63,10 +63,13 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
 /// Key of a chunk in memory: the file's BLAKE3 root and the chunk index. Identical files share.
 pub type ChunkKey = ([u8; 32], u64);
 
+/// A chunk in memory and where it came from.
+type Tagged = (VerifiedChunk, Source);
+
 /// Verified chunks in memory (with where they came from), bounded in bytes, least recently used
 /// evicted first.
 pub struct ChunkLru {
-    inner: Mutex<(LruCache<ChunkKey, (VerifiedChunk, Source)>, u64)>,
+    inner: Mutex<(LruCache<ChunkKey, Tagged>, u64)>,
     limit: u64,
 }
 

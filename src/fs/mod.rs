@@ -127,8 +127,11 @@ pub struct Fs {
     offline_at: Mutex<Option<Instant>>,
     /// What the server last said about each path, kept after the kernel forgets the inode, so
     /// that cached files stay reachable while the server does not answer.
-    known: Mutex<lru::LruCache<Vec<u8>, (Attr, Option<FileInfo>)>>,
+    known: Mutex<lru::LruCache<Vec<u8>, Known>>,
 }
+
+/// What the server last said about a path: its attributes, and for a file opened, its version.
+type Known = (Attr, Option<FileInfo>);
 
 /// Paths remembered for offline use.
 const KNOWN_PATHS: usize = 65536;
