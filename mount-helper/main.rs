@@ -60,14 +60,13 @@ wraith options (passed on to wraith-mount):
 
 Accepted and dropped (they belong to mount(8) or systemd):
   _netdev nofail auto noauto user users nouser owner group defaults rw
-  nosuid nodev exec noexec atime noatime relatime strictatime lazytime
+  nosuid nodev exec atime noatime relatime strictatime lazytime
   diratime nodiratime sync async dirsync silent loud x-* comment=*
   rw is what mount(8) adds by default; the mount is read-only all the same.
-  noexec is not enforced yet (a warning says so).
 
 Refused: suid and dev (a wraith mount is always nosuid,nodev), remount.
 Not implemented yet (refused; dropped with a warning under -s):
-  cache_dir=, cache_size= (disk cache), transport= (AF_XDP)
+  transport= (AF_XDP)
 
 Escapes in OPTIONS: \\, is a comma, \\\\ a backslash, \\NNN an octal byte
 (\\040 is a space), and a double-quoted part may hold commas: fsname=\"a,b\".
@@ -424,7 +423,6 @@ enum Class {
     /// Belongs to mount(8) or systemd, or is already the case; dropped.
     Drop,
     /// Accepted but not honoured; dropped with this warning.
-    DropWarn(&'static str),
     /// Cannot be honoured; the mount fails with this message.
     Refuse(&'static str),
     /// Planned for wraith but not implemented; refused (dropped with a warning under `-s`).
@@ -443,7 +441,11 @@ fn classify(name: &str) -> Class {
         "gid" => Class::Valued("gid=N"),
         "threads" => Class::Valued("threads=N"),
         "fsname" => Class::Valued("fsname=NAME"),
-        "hard" | "soft" | "allow_other" | "default_permissions" | "ro" => Class::Flag,
+        "cache_dir" => Class::Valued("cache_dir=DIR"),
+        "cache_size" => Class::Valued("cache_size=SIZE"),
+        "cache_io" => Class::Valued("cache_io=uring|pread"),
+        "hard" | "soft" | "allow_other" | "default_permissions" | "ro" | "noexec" | "passthrough"
+        | "nopassthrough" => Class::Flag,
 
         // mount(8) passes `rw` unless `ro` was asked for, so it cannot mean the user wants writes.
         "rw" => Class::Drop,
@@ -453,16 +455,12 @@ fn classify(name: &str) -> Class {
         | "diratime" | "nodiratime" | "sync" | "async" | "dirsync" | "silent" | "loud"
         | "comment" | "helper" | "uhelper" => Class::Drop,
         _ if name.starts_with("x-") => Class::Drop,
-        "noexec" => Class::DropWarn(
-            "'noexec' is not enforced yet on wraith mounts (programs on the mount can be run)",
-        ),
 
         "suid" => Class::Refuse("'suid' is not allowed: wraith mounts are always nosuid"),
         "dev" => Class::Refuse("'dev' is not allowed: wraith mounts are always nodev"),
         "remount" => {
             Class::Refuse("remount is not supported: umount the directory and mount it again")
         }
-        "cache_dir" | "cache_size" => Class::NotYet("the disk cache is not implemented yet"),
         "transport" => Class::NotYet("transport= (AF_XDP) is not implemented yet"),
         _ => Class::Unknown,
     }
@@ -503,7 +501,6 @@ fn plan(opts: Vec<MountOpt>, sloppy: bool) -> Result<Plan, OptError> {
             Class::Drop => plan
                 .dropped
                 .push(format!("'{name}' (handled by mount/systemd)")),
-            Class::DropWarn(msg) => plan.warnings.push(msg.to_string()),
             Class::Refuse(msg) => return Err(OptError::Refused(msg.to_string())),
             Class::NotYet(why) if sloppy => {
                 plan.warnings.push(format!("ignoring '{name}' (-s): {why}"));
@@ -732,7 +729,7 @@ mod tests {
     #[test]
     fn sloppy_ignores_unknown_and_not_yet_options() {
         assert_eq!(rebuilt("frobnicate=3,hard,vers=4", true).unwrap(), "hard");
-        let p = plan(parse("cache_size=20G,keyfile=/k"), true).unwrap();
+        let p = plan(parse("transport=xdp,keyfile=/k"), true).unwrap();
         assert_eq!(
             String::from_utf8(join_options(&p.forward)).unwrap(),
             "keyfile=/k"
@@ -744,12 +741,9 @@ mod tests {
 
     #[test]
     fn not_yet_options_are_refused_with_reason() {
-        let e = rebuilt("keyfile=/k,cache_size=20G", false)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("cache_size") && e.contains("not implemented"),
-            "{e}"
+        assert_eq!(
+            rebuilt("keyfile=/k,cache_size=20G,cache_dir=/var/cache/x,noexec", false).unwrap(),
+            "keyfile=/k,cache_size=20G,cache_dir=/var/cache/x,noexec"
         );
         let e = rebuilt("transport=xdp", false).unwrap_err().to_string();
         assert!(
@@ -774,11 +768,11 @@ mod tests {
     }
 
     #[test]
-    fn noexec_warns() {
-        // mount(8) adds noexec,nosuid,nodev for `user` entries; that must not fail the mount.
+    fn noexec_is_passed_on() {
+        // mount(8) adds noexec,nosuid,nodev for `user` entries; wraith-mount enforces noexec.
         let p = plan(parse("ro,noexec,nosuid,nodev,user"), false).unwrap();
-        assert_eq!(p.forward, vec![opt("ro", None)]);
-        assert_eq!(p.warnings.len(), 1);
+        assert_eq!(p.forward, vec![opt("ro", None), opt("noexec", None)]);
+        assert!(p.warnings.is_empty());
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! The FUSE adapter: each handler opens a span, makes one call into the filesystem core and
 //! replies, or goes through the one error path ([`err`]). No protocol or cache logic here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyXattr, Request,
 };
@@ -34,11 +36,104 @@ const NEGATIVE: Attr = Attr {
 
 pub struct WraithFuse {
     fs: Arc<Fs>,
+    /// The kernel granted FUSE_PASSTHROUGH and registering a backing file has not failed.
+    passthrough: AtomicBool,
+    io: Mutex<IoModes>,
+}
+
+/// How the open files of each inode are served. The kernel wants one backing file per inode for
+/// all its passthrough opens, and refuses (EIO) to mix passthrough with page-cached opens of the
+/// same inode; while an inode has passthrough opens, other opens use direct I/O.
+#[derive(Default)]
+struct IoModes {
+    inodes: HashMap<u64, InodeIo>,
+    /// fh -> (inode, mode)
+    handles: HashMap<u64, (u64, OpenMode)>,
+}
+
+#[derive(Default)]
+struct InodeIo {
+    cached: usize,
+    /// (backing id, file root it serves, passthrough opens)
+    backing: Option<(Arc<BackingId>, [u8; 32], usize)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenMode {
+    Cached,
+    Direct,
+    Passthrough,
 }
 
 impl WraithFuse {
     pub fn new(fs: Arc<Fs>) -> Self {
-        WraithFuse { fs }
+        WraithFuse { fs, passthrough: AtomicBool::new(false), io: Mutex::new(IoModes::default()) }
+    }
+
+    /// Reply to an open of `ino` as `fh`: passthrough when the core offers a backing file and
+    /// the inode's other opens allow it, else through wraith.
+    fn reply_open(&self, ino: u64, fh: u64, keep: bool, reply: ReplyOpen) {
+        let mut io = self.io.lock().unwrap();
+        let io = &mut *io;
+        let st = io.inodes.entry(ino).or_default();
+        let cand = self.fs.passthrough_candidate(fh);
+        let usable = self.passthrough.load(Ordering::Relaxed) && st.cached == 0;
+        if let Some(h) = cand.as_ref().filter(|_| usable) {
+            if st.backing.as_ref().is_some_and(|b| b.1 != h.info.root) {
+                // Another version of this inode is open by passthrough: serve this one directly.
+                self.fs.passthrough_result(fh, false);
+            } else {
+                if st.backing.is_none() {
+                    match h.backing_fd().map(|fd| reply.open_backing(fd)) {
+                        Some(Ok(id)) => st.backing = Some((Arc::new(id), h.info.root, 0)),
+                        Some(Err(e)) => {
+                            tracing::warn!("FUSE passthrough unavailable ({e}); reads of cached files go through wraith");
+                            self.passthrough.store(false, Ordering::Relaxed);
+                        }
+                        None => {}
+                    }
+                }
+                if let Some(b) = st.backing.as_mut() {
+                    b.2 += 1;
+                    let id = b.0.clone();
+                    io.handles.insert(fh, (ino, OpenMode::Passthrough));
+                    self.fs.passthrough_result(fh, true);
+                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                }
+                self.fs.passthrough_result(fh, false);
+            }
+        } else if cand.is_some() {
+            self.fs.passthrough_result(fh, false);
+        }
+        let (mode, flags) = if st.backing.is_some() {
+            (OpenMode::Direct, FopenFlags::FOPEN_DIRECT_IO)
+        } else {
+            st.cached += 1;
+            (OpenMode::Cached, if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() })
+        };
+        io.handles.insert(fh, (ino, mode));
+        reply.opened(FileHandle(fh), flags)
+    }
+
+    fn released(&self, fh: u64) {
+        let mut io = self.io.lock().unwrap();
+        let Some((ino, mode)) = io.handles.remove(&fh) else { return };
+        let Some(st) = io.inodes.get_mut(&ino) else { return };
+        match mode {
+            OpenMode::Cached => st.cached = st.cached.saturating_sub(1),
+            OpenMode::Passthrough => {
+                if let Some(b) = st.backing.as_mut() {
+                    b.2 -= 1;
+                    if b.2 == 0 {
+                        st.backing = None; // closes the backing id
+                    }
+                }
+            }
+            OpenMode::Direct => {}
+        }
+        if st.cached == 0 && st.backing.is_none() {
+            io.inodes.remove(&ino);
+        }
     }
 }
 
@@ -95,6 +190,13 @@ impl Filesystem for WraithFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
+        if self.fs.config().passthrough && self.fs.disk_cache().is_some() {
+            let ok = config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::info!("kernel offers no FUSE passthrough (needs Linux 6.9+); cached files are read through wraith");
+            }
+            self.passthrough.store(ok, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -139,10 +241,7 @@ impl Filesystem for WraithFuse {
             return reply.error(err(Error::ReadOnly));
         }
         match self.fs.open(ctx(req), ino.0) {
-            Ok((fh, keep)) => {
-                let f = if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-                reply.opened(FileHandle(fh), f)
-            }
+            Ok((fh, keep)) => self.reply_open(ino.0, fh, keep, reply),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -179,6 +278,7 @@ impl Filesystem for WraithFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.released(fh.0);
         self.fs.release(fh.0);
         reply.ok();
     }

@@ -5,6 +5,7 @@
 //! See docs/ARCHITECTURE.md.
 #![deny(unsafe_code)]
 
+pub mod cache;
 pub mod chunk;
 pub mod error;
 pub mod fs;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use wraith::cache::{self, CacheConfig, Store};
 use wraith::cli::{self, parse_remote, split_options, RemoteSpec};
 use wraith::error::Error;
 use wraith::fs::{Fs, FsConfig};
@@ -31,6 +32,11 @@ use wraith::transport::ClientTransport;
         timeout=SECS       per-request deadline, then EIO (default 30)\n  \
         hard | soft        hard: retry forever, Ctrl-C interrupts (default soft)\n  \
         mem_cache=SIZE     in-memory chunk cache (default 256M)\n  \
+        cache_dir=DIR      disk cache directory (default /var/cache/wraith/<id> for root,\n                     \
+        $XDG_CACHE_HOME/wraith/<id> otherwise); one mount per directory\n  \
+        cache_size=SIZE    disk cache size (default min(10G, 10% of free space); 0 disables)\n  \
+        cache_io=uring|pread  disk cache I/O (default uring, pread where io_uring is unusable)\n  \
+        passthrough | nopassthrough  kernel reads fully cached files directly (default on)\n  \
         allow_other        let other users in (implies default_permissions)\n  \
         default_permissions  kernel checks mode bits\n  \
         uid=N, gid=N       show every file as owned by N\n  \
@@ -40,9 +46,15 @@ use wraith::transport::ClientTransport;
 )]
 struct Args {
     /// HOST[:PORT]:/SHARE[/SUBDIR]
-    remote: String,
+    #[arg(required_unless_present = "stats")]
+    remote: Option<String>,
     /// Where to mount.
-    mountpoint: PathBuf,
+    #[arg(required_unless_present = "stats")]
+    mountpoint: Option<PathBuf>,
+    /// Print the counters of the wraith mount at MOUNTPOINT (hit ratio, bytes from network and
+    /// from cache, evictions, verification failures) and exit.
+    #[arg(long, value_name = "MOUNTPOINT", conflicts_with_all = ["remote", "mountpoint"])]
+    stats: Option<PathBuf>,
     /// Mount options (see below); may be repeated.
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -69,6 +81,15 @@ struct Args {
     mem_cache: Option<String>,
 }
 
+impl Args {
+    fn remote(&self) -> &str {
+        self.remote.as_deref().unwrap_or("")
+    }
+    fn mp(&self) -> &Path {
+        self.mountpoint.as_deref().unwrap_or(Path::new(""))
+    }
+}
+
 struct Opts {
     keyfile: PathBuf,
     port: u16,
@@ -78,6 +99,9 @@ struct Opts {
     threads: usize,
     fsname: Option<String>,
     noexec: bool,
+    cache_dir: Option<PathBuf>,
+    cache_size: Option<u64>,
+    cache_sync: bool,
 }
 
 fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
@@ -94,12 +118,16 @@ fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
             uid: None,
             gid: None,
             max_prefetch: 32,
+            passthrough: true,
         },
         allow_other: false,
         default_permissions: false,
         threads: 4,
         fsname: None,
         noexec: false,
+        cache_dir: None,
+        cache_size: None,
+        cache_sync: false,
     };
     let mut all: Vec<String> = args.options.iter().flat_map(|s| split_options(s)).collect();
     if let Some(k) = &args.keyfile {
@@ -149,6 +177,17 @@ fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
             "fsname" => o.fsname = Some(need(v)?),
             "ro" | "nosuid" | "nodev" | "exec" => {}
             "noexec" => o.noexec = true,
+            "cache_dir" => o.cache_dir = Some(PathBuf::from(need(v)?)),
+            "cache_size" => o.cache_size = Some(cli::parse_size(&need(v)?)?),
+            "cache_io" => {
+                o.cache_sync = match need(v)?.as_str() {
+                    "uring" => false,
+                    "pread" => true,
+                    other => return Err(format!("cache_io={other}: use uring or pread")),
+                }
+            }
+            "passthrough" => o.fs.passthrough = true,
+            "nopassthrough" => o.fs.passthrough = false,
             "rw" => return Err("option 'rw': wraith is read-only; remove 'rw'".into()),
             _ => return Err(format!("unknown option '{opt}' (see wraith-mount --help)")),
         }
@@ -178,17 +217,40 @@ fn explain(e: &Error, spec: &str, addr: &str, o: &Opts) -> String {
     }
 }
 
+/// The disk cache, or None (disabled, or it cannot be used: said once, the mount goes on).
+fn open_cache(o: &Opts, remote: &str, addr: &std::net::SocketAddr) -> Option<Arc<Store>> {
+    use std::os::unix::fs::MetadataExt;
+    if o.cache_size == Some(0) {
+        return None;
+    }
+    let is_root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
+    let dir = o.cache_dir.clone().unwrap_or_else(|| cache::default_dir(&format!("{addr}|{remote}"), is_root));
+    let size = o.cache_size.unwrap_or_else(|| {
+        let _ = std::fs::create_dir_all(&dir);
+        cache::default_size(&dir)
+    });
+    match Store::open(&CacheConfig { dir, size, force_sync: o.cache_sync }) {
+        Ok(s) => Some(Arc::new(s)),
+        Err(m) => {
+            tracing::warn!("no disk cache: {m}");
+            None
+        }
+    }
+}
+
 fn setup(args: &Args) -> Result<(Arc<Fs>, Opts), String> {
-    let spec = parse_remote(&args.remote)?;
+    let (remote, mountpoint) = (args.remote(), args.mp().to_path_buf());
+    let spec = parse_remote(remote)?;
     let o = parse_opts(args, &spec)?;
-    check_mountpoint(&args.mountpoint)?;
+    check_mountpoint(&mountpoint)?;
     let addr = spec.resolve(o.port)?;
     let psk = cli::load_key(&o.keyfile)?;
     let net = ClientTransport::connect(addr, psk).map_err(|e| format!("cannot open a UDP socket to {addr}: {e}"))?;
     // The first contact gets a shorter deadline: a wrong host should not keep mount(8) waiting.
     let mut attach_cfg = o.fs.clone();
     attach_cfg.timeout = o.fs.timeout.min(Duration::from_secs(15));
-    let fs = Fs::attach(attach_cfg, net).map_err(|e| explain(&e, &args.remote, &addr.to_string(), &o))?;
+    let disk = open_cache(&o, remote, &addr);
+    let fs = Fs::attach_with_cache(attach_cfg, net, disk).map_err(|e| explain(&e, remote, &addr.to_string(), &o))?;
     Ok((fs, o))
 }
 
@@ -209,7 +271,7 @@ struct Mounted {
 
 fn mount(args: &Args, fs: Arc<Fs>, o: &Opts) -> Result<Mounted, String> {
     use fuser::MountOption as M;
-    let source = o.fsname.clone().unwrap_or_else(|| args.remote.clone());
+    let source = o.fsname.clone().unwrap_or_else(|| args.remote().to_string());
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![M::FSName(source.clone()), M::Subtype("wraith".into()), M::RO, M::NoSuid, M::NoDev, M::NoAtime];
     if o.noexec {
@@ -227,14 +289,14 @@ fn mount(args: &Args, fs: Arc<Fs>, o: &Opts) -> Result<Mounted, String> {
     // also sets the subtype).
     let direct = wraith::sys::mount::mount_fuse(&wraith::sys::mount::FuseMount {
         source: &source,
-        target: &args.mountpoint,
+        target: args.mp(),
         fstype: "fuse.wraith",
         read_only: true,
         noexec: o.noexec,
         allow_other: o.allow_other,
         default_permissions: o.default_permissions,
     });
-    let cannot = |e: std::io::Error| format!("cannot mount on {}: {e}", args.mountpoint.display());
+    let cannot = |e: std::io::Error| format!("cannot mount on {}: {e}", args.mp().display());
     match direct {
         Ok(fd) => {
             let acl = cfg.acl;
@@ -242,12 +304,12 @@ fn mount(args: &Args, fs: Arc<Fs>, o: &Opts) -> Result<Mounted, String> {
             match session {
                 Ok(session) => Ok(Mounted { session, direct: true }),
                 Err(e) => {
-                    let _ = wraith::sys::mount::unmount(&args.mountpoint, true);
+                    let _ = wraith::sys::mount::unmount(args.mp(), true);
                     Err(cannot(e))
                 }
             }
         }
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fuser::spawn_mount(WraithFuse::new(fs), &args.mountpoint, &cfg)
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => fuser::spawn_mount(WraithFuse::new(fs), args.mp(), &cfg)
             .map(|session| Mounted { session, direct: false })
             .map_err(cannot),
         Err(e) => Err(cannot(e)),
@@ -305,7 +367,7 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
         Err(m) => return fail(&mut ready, m),
     };
     // The mount serves once the kernel can stat its root through us.
-    let mp = args.mountpoint.clone();
+    let mp = args.mp().to_path_buf();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(std::fs::metadata(&mp).map(|_| ()));
@@ -313,15 +375,15 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
     match rx.recv_timeout(o.fs.timeout + Duration::from_secs(5)) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            let _ = mounted.unmount(&args.mountpoint);
+            let _ = mounted.unmount(args.mp());
             return fail(&mut ready, format!("mounted, but the mount does not answer: {e}"));
         }
         Err(_) => {
-            let _ = wraith::sys::mount::unmount(&args.mountpoint, true);
+            let _ = wraith::sys::mount::unmount(args.mp(), true);
             return fail(&mut ready, "mounted, but the mount did not answer in time".into());
         }
     }
-    tracing::info!(remote = %args.remote, mountpoint = %args.mountpoint.display(), "mounted");
+    tracing::info!(remote = %args.remote(), mountpoint = %args.mp().display(), "mounted");
     wraith::daemon::notify_ready();
     if ready.is_some() {
         // From here on nobody reads our stderr: log to syslog/journald and let go of the caller's
@@ -338,10 +400,10 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
         }
         if stop.load(Ordering::Relaxed) {
             tracing::info!("signal received; unmounting");
-            return match mounted.unmount(&args.mountpoint) {
+            return match mounted.unmount(args.mp()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("unmount failed: {e} (try umount -l {})", args.mountpoint.display());
+                    tracing::error!("unmount failed: {e} (try umount -l {})", args.mp().display());
                     ExitCode::from(1)
                 }
             };
@@ -350,10 +412,27 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
     }
 }
 
+/// `--stats MOUNTPOINT`: the counters the mount publishes as an xattr of its root.
+fn print_stats(mp: &Path) -> ExitCode {
+    match wraith::sys::disk::getxattr(mp, wraith::fs::XATTR_STATS) {
+        Ok(v) => {
+            print!("{}", String::from_utf8_lossy(&v));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wraith-mount: {}: no wraith statistics ({e}); is it a wraith mount?", mp.display());
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(mp) = &args.stats {
+        return print_stats(mp);
+    }
     // Check what can be checked before forking, so simple mistakes print right here.
-    if let Err(m) = parse_remote(&args.remote).and_then(|s| parse_opts(&args, &s).map(|_| ())) {
+    if let Err(m) = parse_remote(args.remote()).and_then(|s| parse_opts(&args, &s).map(|_| ())) {
         eprintln!("wraith-mount: {m}");
         return ExitCode::from(2);
     }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use lru::LruCache;
 
+use super::Source;
 use crate::chunk::VerifiedChunk;
 use crate::error::Error;
 
@@ -62,9 +63,13 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
 /// Key of a chunk in memory: the file's BLAKE3 root and the chunk index. Identical files share.
 pub type ChunkKey = ([u8; 32], u64);
 
-/// Verified chunks in memory, bounded in bytes, least recently used evicted first.
+/// A chunk in memory and where it came from.
+type Tagged = (VerifiedChunk, Source);
+
+/// Verified chunks in memory (with where they came from), bounded in bytes, least recently used
+/// evicted first.
 pub struct ChunkLru {
-    inner: Mutex<(LruCache<ChunkKey, VerifiedChunk>, u64)>,
+    inner: Mutex<(LruCache<ChunkKey, Tagged>, u64)>,
     limit: u64,
 }
 
@@ -73,7 +78,7 @@ impl ChunkLru {
         ChunkLru { inner: Mutex::new((LruCache::unbounded(), 0)), limit }
     }
 
-    pub fn get(&self, k: &ChunkKey) -> Option<VerifiedChunk> {
+    pub fn get(&self, k: &ChunkKey) -> Option<(VerifiedChunk, Source)> {
         self.inner.lock().unwrap().0.get(k).cloned()
     }
 
@@ -81,20 +86,20 @@ impl ChunkLru {
         self.inner.lock().unwrap().0.contains(k)
     }
 
-    pub fn insert(&self, k: ChunkKey, c: VerifiedChunk) {
+    pub fn insert(&self, k: ChunkKey, c: VerifiedChunk, src: Source) {
         let mut g = self.inner.lock().unwrap();
         let (lru, bytes) = &mut *g;
         let n = c.len() as u64;
         if n > self.limit {
             return;
         }
-        if let Some(old) = lru.put(k, c) {
+        if let Some((old, _)) = lru.put(k, (c, src)) {
             *bytes -= old.len() as u64;
         }
         *bytes += n;
         while *bytes > self.limit {
             match lru.pop_lru() {
-                Some((_, old)) => *bytes -= old.len() as u64,
+                Some((_, (old, _))) => *bytes -= old.len() as u64,
                 None => break,
             }
         }
@@ -121,12 +126,12 @@ mod tests {
     fn lru_stays_within_bytes() {
         let c = ChunkLru::new(10_000);
         for i in 0..100u64 {
-            c.insert(([i as u8; 32], i), chunk(1000, i as u8));
+            c.insert(([i as u8; 32], i), chunk(1000, i as u8), Source::Network);
             assert!(c.bytes() <= 10_000);
         }
         assert!(c.get(&([99; 32], 99)).is_some());
         assert!(c.get(&([0; 32], 0)).is_none());
-        c.insert(([1; 32], 1), chunk(20_000, 1)); // larger than the whole cache: not kept
+        c.insert(([1; 32], 1), chunk(20_000, 1), Source::Network); // larger than the whole cache: not kept
         assert!(c.bytes() <= 10_000);
     }
 

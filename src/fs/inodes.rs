@@ -51,6 +51,11 @@ impl Inodes {
         self.nodes.get(&ino).map(|n| n.path.clone())
     }
 
+    /// The attributes last seen for `path`, if the kernel still knows it (offline lookups).
+    pub fn find(&self, path: &[u8]) -> Option<Attr> {
+        self.nodes.values().find(|n| n.path == path).map(|n| n.attr)
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

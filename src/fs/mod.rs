@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cache::{Pin, Store};
 use crate::chunk::{Geometry, VerifiedChunk};
 use crate::error::{Error, Result};
 use crate::proto::msg::{Request, Response};
@@ -24,6 +25,36 @@ use inodes::{join, Inodes};
 pub use inodes::ROOT;
 
 pub const XATTR_BLAKE3: &str = "user.wraith.blake3";
+/// Fraction of the file's chunks on local disk.
+pub const XATTR_CACHED: &str = "user.wraith.cached";
+/// Where the last read of the file was served from: network, cache or passthrough.
+pub const XATTR_SOURCE: &str = "user.wraith.source";
+/// On the mount's root: counters for a person (`wraith-mount --stats`).
+pub const XATTR_STATS: &str = "user.wraith.stats";
+
+/// After a request timed out, metadata that is cached is served without asking the server for
+/// this long (a stopped server must not cost a full deadline per `stat`).
+const OFFLINE_GRACE: Duration = Duration::from_secs(10);
+
+/// Where a read was served from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Network,
+    /// Memory or the disk cache.
+    Cache,
+    /// The kernel read the disk cache's backing file directly.
+    Passthrough,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Network => "network",
+            Source::Cache => "cache",
+            Source::Passthrough => "passthrough",
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct FsConfig {
@@ -38,6 +69,8 @@ pub struct FsConfig {
     pub gid: Option<u32>,
     /// Chunks fetched ahead of a sequential reader at most.
     pub max_prefetch: u64,
+    /// Offer FUSE passthrough for complete, verified files in the disk cache.
+    pub passthrough: bool,
 }
 
 /// Who is asking (for interrupting hard-mount retries).
@@ -48,10 +81,21 @@ pub struct Ctx {
 
 /// An open regular file: one version, pinned for the life of the handle.
 pub struct Handle {
+    pub ino: u64,
     pub path: Vec<u8>,
     pub info: FileInfo,
     pub geom: Geometry,
     seq: Mutex<read::SeqState>,
+    /// The disk cache's data file, pinned, when this open may be served by passthrough.
+    backing: Mutex<Option<Pin>>,
+}
+
+impl Handle {
+    /// The backing file for a passthrough open (only while pinned).
+    pub fn backing_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        let b = self.backing.lock().unwrap();
+        b.as_ref().and_then(|p| p.file.try_clone().ok()).map(Into::into)
+    }
 }
 
 #[derive(Default)]
@@ -59,7 +103,10 @@ pub struct Counters {
     pub bytes_read: AtomicU64,
     pub chunks_fetched: AtomicU64,
     pub chunk_hits: AtomicU64,
+    pub bytes_fetched: AtomicU64,
     pub verify_failures: AtomicU64,
+    pub passthrough_opens: AtomicU64,
+    pub offline_opens: AtomicU64,
 }
 
 pub struct Fs {
@@ -71,15 +118,34 @@ pub struct Fs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     chunks: ChunkLru,
-    chunk_flight: flight::SingleFlight<flight::ChunkKey, VerifiedChunk>,
+    chunk_flight: flight::SingleFlight<flight::ChunkKey, (VerifiedChunk, Source)>,
     cvs: read::CvCache,
     prefetch: read::Prefetcher,
     pub counters: Counters,
+    disk: Option<Arc<Store>>,
+    /// Where the last read of each inode came from (`user.wraith.source`).
+    sources: Mutex<HashMap<u64, Source>>,
+    /// When a request last timed out (cleared by the next answer).
+    offline_at: Mutex<Option<Instant>>,
+    /// What the server last said about each path, kept after the kernel forgets the inode, so
+    /// that cached files stay reachable while the server does not answer.
+    known: Mutex<lru::LruCache<Vec<u8>, Known>>,
 }
+
+/// What the server last said about a path: its attributes, and for a file opened, its version.
+type Known = (Attr, Option<FileInfo>);
+
+/// Paths remembered for offline use.
+const KNOWN_PATHS: usize = 65536;
 
 impl Fs {
     /// Attach to the share: checks the key, the share and the subdirectory, with clear errors.
     pub fn attach(cfg: FsConfig, net: ClientTransport) -> Result<Arc<Self>> {
+        Self::attach_with_cache(cfg, net, None)
+    }
+
+    /// [`Fs::attach`] with a disk cache between memory and the network.
+    pub fn attach_with_cache(cfg: FsConfig, net: ClientTransport, disk: Option<Arc<Store>>) -> Result<Arc<Self>> {
         let now = Instant::now();
         let r = net.call(&Request::Attach { share: cfg.share.clone() }, 4096, cfg.timeout)?;
         let Response::Attached { root } = r else { return Err(Error::Invalid) };
@@ -102,6 +168,10 @@ impl Fs {
             cvs: read::CvCache::new(),
             prefetch: read::Prefetcher::default(),
             counters: Counters::default(),
+            disk,
+            sources: Mutex::new(HashMap::new()),
+            offline_at: Mutex::new(None),
+            known: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(KNOWN_PATHS).unwrap())),
             cfg,
             net,
         });
@@ -142,7 +212,41 @@ impl Fs {
             if warned && r.is_ok() {
                 tracing::info!("server OK again");
             }
+            match &r {
+                Err(Error::RemoteTimeout) => *self.offline_at.lock().unwrap() = Some(Instant::now()),
+                _ => *self.offline_at.lock().unwrap() = None,
+            }
             return r;
+        }
+    }
+
+    /// A request timed out recently: serve cached metadata without asking again.
+    fn offline(&self) -> bool {
+        self.offline_at.lock().unwrap().is_some_and(|t| t.elapsed() < OFFLINE_GRACE)
+    }
+
+    /// `req`, or `Err(RemoteTimeout)` at once while offline when the caller has a cached answer.
+    fn call_unless_offline(&self, ctx: Ctx, req: &Request, expect: u64, have_cached: bool) -> Result<Response> {
+        if have_cached && self.offline() {
+            return Err(Error::RemoteTimeout);
+        }
+        self.call(ctx, req, expect)
+    }
+
+    fn learn(&self, path: &[u8], attr: Attr, info: Option<FileInfo>) {
+        let mut k = self.known.lock().unwrap();
+        let keep = info.or_else(|| k.peek(path).and_then(|old| old.1).filter(|i| i.attr.version() == attr.version()));
+        k.put(path.to_vec(), (attr, keep));
+    }
+
+    pub fn disk_cache(&self) -> Option<&Arc<Store>> {
+        self.disk.as_ref()
+    }
+
+    pub(crate) fn note_source(&self, h: &Handle, src: Source) {
+        let mut m = self.sources.lock().unwrap();
+        if m.get(&h.ino) != Some(&src) {
+            m.insert(h.ino, src);
         }
     }
 
@@ -173,9 +277,17 @@ impl Fs {
             return Err(Error::Invalid);
         }
         let path = join(&self.node_path(parent)?, name);
-        let attr = match self.call(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024)? {
-            Response::Attr(a) => a,
-            _ => return Err(Error::Invalid),
+        let cached = self.inodes.lock().unwrap().find(&path);
+        let cached = cached.or_else(|| self.known.lock().unwrap().get(&path).map(|k| k.0));
+        let attr = match self.call_unless_offline(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024, cached.is_some()) {
+            Ok(Response::Attr(a)) => {
+                self.learn(&path, a, None);
+                a
+            }
+            Ok(_) => return Err(Error::Invalid),
+            // Server unreachable: what we knew about the name (it stays readable if cached).
+            Err(Error::RemoteTimeout) if cached.is_some() => cached.unwrap(),
+            Err(e) => return Err(e),
         };
         Ok((self.remember(path, attr), self.present(attr)))
     }
@@ -208,9 +320,17 @@ impl Fs {
         if let Some(a) = cached {
             return Ok(self.present(a));
         }
-        let attr = match self.call(ctx, &Request::Stat { share: self.share(), path }, 1024)? {
-            Response::Attr(a) => a,
-            _ => return Err(Error::Invalid),
+        let attr = match self.call_unless_offline(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024, true) {
+            Ok(Response::Attr(a)) => {
+                self.learn(&path, a, None);
+                a
+            }
+            Ok(_) => return Err(Error::Invalid),
+            Err(Error::RemoteTimeout) => {
+                let t = self.inodes.lock().unwrap();
+                return t.get(ino).map(|n| self.present(n.attr)).ok_or(Error::RemoteTimeout);
+            }
+            Err(e) => return Err(e),
         };
         self.inodes.lock().unwrap().update_attr(ino, attr, Instant::now());
         Ok(self.present(attr))
@@ -254,17 +374,37 @@ impl Fs {
 
     /// Open a regular file: revalidate with the server (close-to-open), pin the version.
     /// Returns the handle and whether the kernel may keep its page cache for this file.
+    ///
+    /// While the server does not answer, a file opened before keeps its last known version: if
+    /// the disk cache holds all of it, it stays readable.
     pub fn open(&self, ctx: Ctx, ino: u64) -> Result<(u64, bool)> {
         let path = self.node_path(ino)?;
-        let (info, inline) = match self.call(ctx, &Request::Open { share: self.share(), path: path.clone() }, 70 << 10)? {
-            Response::Opened { info, inline } => (info, inline),
-            _ => return Err(Error::Invalid),
+        let cached = self.infos.lock().unwrap().get(&ino).copied();
+        let cached = cached.or_else(|| self.known.lock().unwrap().get(&path).and_then(|k| k.1));
+        let req = Request::Open { share: self.share(), path: path.clone() };
+        let (info, inline) = match self.call_unless_offline(ctx, &req, 70 << 10, cached.is_some()) {
+            Ok(Response::Opened { info, inline }) => {
+                self.learn(&path, info.attr, Some(info));
+                (info, inline)
+            }
+            Ok(_) => return Err(Error::Invalid),
+            Err(Error::RemoteTimeout) if cached.is_some() => {
+                self.counters.offline_opens.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(file = %String::from_utf8_lossy(&path), "server not answering; opening the last known version");
+                (cached.unwrap(), None)
+            }
+            Err(e) => return Err(e),
         };
         let geom = Geometry::new(info.attr.size, info.chunk_log2).map_err(|_| Error::Invalid)?;
         if let Some(data) = inline {
             let root = blake3::Hash::from_bytes(info.root);
             match VerifiedChunk::verify(&geom, &root, 0, None, data) {
-                Ok(c) => self.chunks.insert((info.root, 0), c),
+                Ok(c) => {
+                    if let Some(d) = &self.disk {
+                        d.admit(&info.root, &geom, None, &c);
+                    }
+                    self.chunks.insert((info.root, 0), c, Source::Network)
+                }
                 Err(_) => {
                     self.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(file = %String::from_utf8_lossy(&path), "inline data failed verification; will refetch");
@@ -279,9 +419,31 @@ impl Fs {
             same
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let h = Arc::new(Handle { path, info, geom, seq: Mutex::new(Default::default()) });
+        let backing = match &self.disk {
+            Some(d) if self.cfg.passthrough => d.pin_complete(&info.root, &geom),
+            _ => None,
+        };
+        let h = Arc::new(Handle { ino, path, info, geom, seq: Mutex::new(Default::default()), backing: Mutex::new(backing) });
         self.handles.lock().unwrap().insert(fh, h);
         Ok((fh, keep))
+    }
+
+    /// The open handle `fh` may be served by passthrough: its backing file, pinned.
+    pub fn passthrough_candidate(&self, fh: u64) -> Option<Arc<Handle>> {
+        let h = self.handle(fh).ok()?;
+        let has = h.backing.lock().unwrap().is_some();
+        has.then_some(h)
+    }
+
+    /// The adapter served `fh` by passthrough (`true`), or could not (`false`: unpin).
+    pub fn passthrough_result(&self, fh: u64, used: bool) {
+        let Ok(h) = self.handle(fh) else { return };
+        if used {
+            self.counters.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            self.note_source(&h, Source::Passthrough);
+        } else {
+            h.backing.lock().unwrap().take();
+        }
     }
 
     pub fn release(&self, fh: u64) {
@@ -304,25 +466,88 @@ impl Fs {
         }
     }
 
-    /// The BLAKE3 root of a regular file, as b3sum prints it (revalidates with the server).
+    /// `user.wraith.blake3`: the BLAKE3 root of a regular file, as b3sum prints it (revalidates
+    /// with the server); `user.wraith.cached`: the fraction of its chunks on local disk;
+    /// `user.wraith.source`: where its last read came from; `user.wraith.stats` on the root.
     pub fn getxattr(&self, ctx: Ctx, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        if name != XATTR_BLAKE3.as_bytes() || self.kind_of(ino) != Some(FileKind::File) {
+        if ino == ROOT && name == XATTR_STATS.as_bytes() {
+            return Ok(self.stats_text().into_bytes());
+        }
+        if self.kind_of(ino) != Some(FileKind::File) {
+            return Err(Error::NoXattr);
+        }
+        if name == XATTR_SOURCE.as_bytes() {
+            let m = self.sources.lock().unwrap();
+            return m.get(&ino).map(|s| s.name().as_bytes().to_vec()).ok_or(Error::NoXattr);
+        }
+        if name != XATTR_BLAKE3.as_bytes() && name != XATTR_CACHED.as_bytes() {
             return Err(Error::NoXattr);
         }
         let (fh, _) = self.open(ctx, ino)?;
         let h = self.handle(fh)?;
         self.release(fh);
+        if name == XATTR_CACHED.as_bytes() {
+            let f = self.disk.as_ref().map_or(0.0, |d| d.fraction(&h.info.root, &h.geom));
+            return Ok(format!("{f:.4}").into_bytes());
+        }
         Ok(blake3::Hash::from_bytes(h.info.root).to_hex().as_bytes().to_vec())
     }
 
     pub fn listxattr(&self, ino: u64) -> Vec<u8> {
-        if self.kind_of(ino) == Some(FileKind::File) {
-            let mut v = XATTR_BLAKE3.as_bytes().to_vec();
+        let names: &[&str] = match self.kind_of(ino) {
+            Some(FileKind::File) => &[XATTR_BLAKE3, XATTR_CACHED, XATTR_SOURCE],
+            _ if ino == ROOT => &[XATTR_STATS],
+            _ => &[],
+        };
+        let mut v = Vec::new();
+        for n in names {
+            v.extend_from_slice(n.as_bytes());
             v.push(0);
-            v
-        } else {
-            Vec::new()
         }
+        v
+    }
+
+    /// Counters for a person, one `name value` per line.
+    pub fn stats_text(&self) -> String {
+        use std::fmt::Write;
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut s = String::new();
+        let (mem, net) = (g(&c.chunk_hits), g(&c.chunks_fetched));
+        let _ = writeln!(s, "bytes_read {}", g(&c.bytes_read));
+        let _ = writeln!(s, "chunks_from_memory {mem}");
+        let _ = writeln!(s, "chunks_from_network {net}");
+        let _ = writeln!(s, "bytes_from_network {}", g(&c.bytes_fetched));
+        let _ = writeln!(s, "network_verify_failures {}", g(&c.verify_failures));
+        let _ = writeln!(s, "passthrough_opens {}", g(&c.passthrough_opens));
+        let _ = writeln!(s, "offline_opens {}", g(&c.offline_opens));
+        let disk_hits = match &self.disk {
+            Some(d) => {
+                let st = d.stats();
+                let _ = write!(s, "{}", d.describe());
+                let (h, m) = (g(&st.hits), g(&st.misses));
+                let _ = writeln!(s, "chunks_from_cache {h}");
+                let _ = writeln!(s, "cache_misses {m}");
+                let _ = writeln!(s, "bytes_from_cache {}", g(&st.bytes_from_cache));
+                let _ = writeln!(s, "cache_chunks_written {}", g(&st.chunks_written));
+                let _ = writeln!(s, "cache_bytes_written {}", g(&st.bytes_written));
+                let _ = writeln!(s, "cache_not_admitted {}", g(&st.not_admitted));
+                let _ = writeln!(s, "cache_evictions {}", g(&st.evictions));
+                let _ = writeln!(s, "cache_verify_failures {}", g(&st.verify_failures));
+                let _ = writeln!(s, "cache_write_errors {}", g(&st.write_errors));
+                let _ = writeln!(s, "cache_uring_sqes {}", d.io_stats().0);
+                let _ = writeln!(s, "cache_uring_enters {}", d.io_stats().1);
+                h
+            }
+            None => {
+                let _ = writeln!(s, "cache_dir none");
+                0
+            }
+        };
+        let all = mem + disk_hits + net;
+        let ratio = if all == 0 { 0.0 } else { (mem + disk_hits) as f64 / all as f64 };
+        let _ = writeln!(s, "hit_ratio {ratio:.4}");
+        s
     }
 
     /// access(2): writes are refused (read-only); the rest follows the mode bits.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use lru::LruCache;
 
 use super::flight::SingleFlight;
-use super::{Ctx, Fs, Handle};
+use super::{Ctx, Fs, Handle, Source};
 use crate::chunk::{verify_leaves, Cv, VerifiedChunk};
 use crate::error::{Error, Result};
 use crate::proto::msg::{Request, Response};
@@ -86,14 +86,22 @@ fn leaf_cv(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<Option<Cv>> {
     Ok(Some(v[(idx % CV_BLOCK) as usize]))
 }
 
-/// Chunk `idx` of the handle's file version, verified. Memory first, then the network.
-pub fn chunk(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<VerifiedChunk> {
+/// Chunk `idx` of the handle's file version, verified, and where it came from. Memory first,
+/// then the disk cache (verified on every read; a bad entry is a miss), then the network (the
+/// chunk is then offered to the disk cache, which writes it beside the read).
+pub fn chunk(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<(VerifiedChunk, Source)> {
     let key = (h.info.root, idx);
     if let Some(c) = fs.chunks.get(&key) {
         fs.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
         return Ok(c);
     }
     fs.chunk_flight.run(key, || {
+        if let Some(disk) = &fs.disk {
+            if let Some(c) = disk.load(&h.info.root, &h.geom, idx, || leaf_cv(fs, ctx, h, idx)) {
+                fs.chunks.insert(key, c.clone(), Source::Cache);
+                return Ok((c, Source::Cache));
+            }
+        }
         let root = blake3::Hash::from_bytes(h.info.root);
         for attempt in 1..=ATTEMPTS {
             let expected = leaf_cv(fs, ctx, h, idx)?;
@@ -108,10 +116,14 @@ pub fn chunk(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<VerifiedChunk> {
                 _ => return Err(Error::Invalid),
             };
             fs.counters.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+            fs.counters.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             match VerifiedChunk::verify(&h.geom, &root, idx, expected.as_ref(), data) {
                 Ok(c) => {
-                    fs.chunks.insert(key, c.clone());
-                    return Ok(c);
+                    fs.chunks.insert(key, c.clone(), Source::Network);
+                    if let Some(disk) = &fs.disk {
+                        disk.admit(&h.info.root, &h.geom, expected, &c);
+                    }
+                    return Ok((c, Source::Network));
                 }
                 Err(e) => {
                     fs.counters.verify_failures.fetch_add(1, Ordering::Relaxed);
@@ -165,21 +177,27 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
         }
     }
     if first == last {
-        let chunk = chunk(fs, ctx, h, first)?;
+        let (chunk, s) = chunk(fs, ctx, h, first)?;
         let base = h.geom.chunk_offset(first);
         let (from, to) = ((offset - base) as usize, (end - base) as usize);
         fs.counters.bytes_read.fetch_add((to - from) as u64, Ordering::Relaxed);
+        fs.note_source(h, s);
         return Ok(ReadData::Slice(chunk, from, to));
     }
     let mut out = Vec::with_capacity((end - offset) as usize);
+    let mut src = Source::Cache;
     for c in first..=last {
-        let chunk = chunk(fs, ctx, h, c)?;
+        let (chunk, s) = chunk(fs, ctx, h, c)?;
+        if s == Source::Network {
+            src = Source::Network;
+        }
         let base = h.geom.chunk_offset(c);
         let from = offset.max(base) - base;
         let to = end.min(base + chunk.len() as u64) - base;
         out.extend_from_slice(&chunk.bytes()[from as usize..to as usize]);
     }
     fs.counters.bytes_read.fetch_add(out.len() as u64, Ordering::Relaxed);
+    fs.note_source(h, src);
     Ok(ReadData::Owned(out))
 }
 

@@ -4,7 +4,9 @@
 #![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod disk;
 pub mod fs;
 pub mod mount;
 pub mod net;
 pub mod process;
+pub mod uring;

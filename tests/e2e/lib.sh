@@ -472,7 +472,13 @@ mount_wraith() {
     mkdir -p "$mnt"
     MOUNTS+=("$mnt")
     local args=("$spec" "$mnt")
-    [ -n "$opts" ] && args+=(-o "$opts")
+    # Each mount gets its own disk cache inside the work directory (never /var/cache/wraith),
+    # unless the test chose cache options itself.
+    case ",$opts," in
+        *,cache_dir=*|*,cache_size=*) ;;
+        *) opts="cache_dir=$WORK/cache/$(basename "$mnt").$RANDOM${opts:+,$opts}" ;;
+    esac
+    args+=(-o "$opts")
     printf '=== %s wraith-mount %s\n' "$(date +%T.%N)" "${args[*]} $*" >>"$WORK/logs/mount-all.log"
     in_ns "$ns" timeout 90 "$WRAITH_BIN/wraith-mount" "${args[@]}" "$@" \
         >"$WORK/logs/mount.out" 2>"$WORK/logs/mount.err" </dev/null 7>&- 8>&-

@@ -267,8 +267,8 @@ expect_refused "$T/wrongkey" 'key' "wrong key"
 run mount -t wraith -o "keyfile=$KEYFILE,frobnicate=3" "$SERVER_SPEC" "$T/opt"
 expect_refused "$T/opt" "'frobnicate'" "unknown option"
 
-run mount -t wraith -o "keyfile=$KEYFILE,cache_size=20G" "$SERVER_SPEC" "$T/opt"
-expect_refused "$T/opt" 'cache_size.*not implemented' "not-yet option cache_size"
+run mount -t wraith -o "keyfile=$KEYFILE,transport=carrier-pigeon" "$SERVER_SPEC" "$T/opt"
+expect_refused "$T/opt" 'transport' "not-yet option transport"
 
 # mount(8) never passes suid, dev or exec on (they are its defaults), so ask the helper directly.
 run "$HELPER" "$SERVER_SPEC" "$T/opt" -o "keyfile=$KEYFILE,suid"

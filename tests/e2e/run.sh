@@ -26,7 +26,7 @@ E2E_SUMMARY=1
 BIG_MIB=${WRAITH_E2E_BIG_MIB:-1024}
 SMALL=${WRAITH_E2E_SMALL:-10000}
 SEED=${WRAITH_E2E_SEED:-1}
-ALL_SUITES=(loopback chunk64 change errors ipv6 netns restart gone mount_helper)
+ALL_SUITES=(loopback chunk64 change errors ipv6 netns restart gone mount_helper cache)
 CHUNK=262144
 
 SRC=        # the generated tree, exported as "tree" (and "tree64" with 64 KiB chunks)
@@ -547,25 +547,37 @@ suite_gone() {
     umount_ok gone "$M"
 }
 
-# mount(8) -> mount.wraith -> wraith-mount, in tests/e2e/mount_helper.sh (its own private mount
-# namespace), against the loopback server. Its ok/not ok lines count here.
-suite_mount_helper() {
-    local script=$E2E_DIR/mount_helper.sh line rc n0=$FAIL
-    [ -f "$script" ] || { not_ok "mount_helper: $script exists" "missing"; return; }
-    ensure_lo_server || return
-    WRAITH_BIN=$WRAITH_BIN SERVER_SPEC="127.0.0.1:$LO_PORT:/tree" KEYFILE=$KEY SRC=$SRC \
-        timeout 900 bash "$script" >"$WORK/logs/mount_helper.out" 2>&1 </dev/null 7>&- 8>&-
+# run_script NAME SCRIPT [ARGS...]: run a suite that lives in its own script (with env set by
+# the caller) and count its ok/not ok lines here.
+run_script() {
+    local name=$1 script=$E2E_DIR/$2 line rc n0=$FAIL
+    shift 2
+    [ -f "$script" ] || { not_ok "$name: $script exists" "missing"; return; }
+    timeout 1500 bash "$script" "$@" >"$WORK/logs/$name.out" 2>&1 </dev/null 7>&- 8>&-
     rc=$?
     while IFS= read -r line; do
         case $line in
-            "ok - "*) ok "mount_helper: ${line#ok - }" ;;
-            "not ok - "*) FAIL=$((FAIL + 1)); FAILED_NAMES+=("mount_helper: ${line#not ok - }"); printf 'not ok - mount_helper: %s\n' "${line#not ok - }" ;;
+            "ok - "*) ok "$name: ${line#ok - }" ;;
+            "not ok - "*) FAIL=$((FAIL + 1)); FAILED_NAMES+=("$name: ${line#not ok - }"); printf 'not ok - %s: %s\n' "$name" "${line#not ok - }" ;;
             "#"*) printf '%s\n' "$line" ;;
         esac
-    done <"$WORK/logs/mount_helper.out"
+    done <"$WORK/logs/$name.out"
     if [ "$rc" -ne 0 ] && [ "$FAIL" -eq "$n0" ]; then
-        not_ok "mount_helper: exits 0" "exit $rc: $(last_line "$WORK/logs/mount_helper.out")"
+        not_ok "$name: exits 0" "exit $rc: $(last_line "$WORK/logs/$name.out")"
     fi
+}
+
+# mount(8) -> mount.wraith -> wraith-mount, in tests/e2e/mount_helper.sh (its own private mount
+# namespace), against the loopback server.
+suite_mount_helper() {
+    ensure_lo_server || return
+    WRAITH_BIN=$WRAITH_BIN SERVER_SPEC="127.0.0.1:$LO_PORT:/tree" KEYFILE=$KEY SRC=$SRC \
+        run_script mount_helper mount_helper.sh
+}
+
+# The disk cache (issue 3): tests/e2e/cache.sh makes its own server, tree and mounts.
+suite_cache() {
+    WRAITH_BIN=$WRAITH_BIN run_script cache cache.sh --crash-trials "${WRAITH_E2E_CRASH_TRIALS:-50}"
 }
 
 # ----------------------------------------------------------------------------------------------

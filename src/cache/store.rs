@@ -1,0 +1,501 @@
+//! The cache directory: opening it (lock, replay, reconcile, compaction), verified reads through
+//! the io_uring thread, admission of new chunks (written by [`super::writer`]), and pinned
+//! backing files for passthrough.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::num::NonZeroUsize;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+
+use super::index::{Admit, ChunkRec, Evicted, FileMeta, Index};
+use super::layout::{self, data_path, hex, Record, Root};
+use super::writer::{self, WMsg};
+use super::{CacheConfig, Stats};
+use crate::chunk::{Cv, Geometry, VerifiedChunk};
+use crate::sys::disk;
+use crate::sys::uring::{IoConfig, IoThread, Mode, Op};
+
+/// Writes admitted but not completed, at most; beyond, chunks stream through uncached.
+const MAX_WRITES: u64 = 64;
+/// Open data files kept.
+const MAX_FDS: usize = 256;
+/// A read from the cache that takes longer is a miss (the buffer stays with its operation).
+const READ_DEADLINE: Duration = Duration::from_secs(10);
+const BUF_SIZE: usize = 512 << 10;
+const N_BUFS: usize = 32;
+/// Waits of 100 ms for the directory's lock.
+const LOCK_TRIES: u32 = 30;
+
+/// What the store and its writer thread share.
+pub(super) struct Shared {
+    pub dir: PathBuf,
+    pub index: Mutex<Index>,
+    pub io: IoThread,
+    fds: Mutex<LruCache<Root, (Arc<File>, bool)>>,
+    /// To the writer thread; sent under the index lock so its order is the index's order.
+    pub tx: Mutex<Sender<WMsg>>,
+    pub align: u64,
+    direct: bool,
+    pub writes_inflight: AtomicU64,
+    pub stats: Stats,
+    pub enospc_warned: AtomicBool,
+}
+
+pub struct Store {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+    _lock: File,
+    pub replay_time: Duration,
+}
+
+/// A complete file's data file, pinned (never evicted) while this lives: the kernel reads it for
+/// a passthrough open without asking us.
+pub struct Pin {
+    shared: Arc<Shared>,
+    root: Root,
+    pub file: File,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.shared.index.lock().unwrap().unpin(&self.root);
+    }
+}
+
+fn mkdir_private(p: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p)?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+}
+
+impl Store {
+    /// Open (or create) the cache in `cfg.dir`. Errors are for a person: the caller logs them
+    /// and runs without a disk cache.
+    pub fn open(cfg: &CacheConfig) -> Result<Store, String> {
+        let t0 = Instant::now();
+        let dir = cfg.dir.clone();
+        let ctx = |what: &str, e: io::Error| format!("cache {}: {what}: {e}", dir.display());
+        mkdir_private(&dir.join("data")).map_err(|e| ctx("cannot create", e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| ctx("chmod", e))?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join("lock"));
+        let lock = lock.map_err(|e| ctx("lock file", e))?;
+        // A mount that was just unmounted may still be flushing: give it a moment.
+        let mut tries = 0;
+        while !disk::try_lock_exclusive(&lock).map_err(|e| ctx("lock", e))? {
+            tries += 1;
+            if tries > LOCK_TRIES {
+                return Err(format!("cache {} is in use by another mount (give each mount its own cache_dir)", dir.display()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let jpath = dir.join("journal");
+        let mut jf = OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&jpath);
+        let jf = jf.as_mut().map_err(|e| ctx("journal", io::Error::new(e.kind(), e.to_string())))?;
+        let (align, direct) = probe_direct(&dir, jf);
+        let mut index = Index::new(u64::MAX, align as u64);
+        let mut bytes = Vec::new();
+        jf.read_to_end(&mut bytes).map_err(|e| ctx("read journal", e))?;
+        if !bytes.is_empty() {
+            match layout::replay(&bytes) {
+                Ok((recs, clean)) => {
+                    if !clean {
+                        tracing::warn!(dir = %dir.display(), "cache journal ends in a torn or damaged record (a crash?); replayed up to it");
+                    }
+                    for r in recs {
+                        apply(&mut index, r);
+                    }
+                }
+                Err(e) => tracing::warn!(dir = %dir.display(), error = ?e, "cache journal is foreign or of another version; starting empty"),
+            }
+        }
+        let evicted = index.set_limit(cfg.size);
+        reconcile(&dir, &mut index, &evicted);
+        compact(&dir, &index).map_err(|e| ctx("rewrite journal", e))?;
+        let journal = OpenOptions::new().append(true).open(&jpath).map_err(|e| ctx("journal", e))?;
+        let buf_size = BUF_SIZE.div_ceil(align) * align;
+        let io = IoThread::start(IoConfig { align, buf_size, n_bufs: N_BUFS, force_sync: cfg.force_sync })
+            .map_err(|e| ctx("I/O thread", e))?;
+        let (tx, rx) = channel();
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            index: Mutex::new(index),
+            io,
+            fds: Mutex::new(LruCache::new(NonZeroUsize::new(MAX_FDS).unwrap())),
+            tx: Mutex::new(tx.clone()),
+            align: align as u64,
+            direct,
+            writes_inflight: AtomicU64::new(0),
+            stats: Stats::default(),
+            enospc_warned: AtomicBool::new(false),
+        });
+        let s2 = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("wraith-cache-writer".into())
+            .spawn(move || writer::run(s2, rx, tx, journal))
+            .map_err(|e| ctx("writer thread", e))?;
+        let replay_time = t0.elapsed();
+        let ix = shared.index.lock().unwrap();
+        tracing::info!(
+            dir = %dir.display(), chunks = ix.chunks(), used = ix.used(), limit = cfg.size, align, direct,
+            io = ?shared.io.mode(), ms = replay_time.as_millis() as u64, "disk cache ready"
+        );
+        drop(ix);
+        Ok(Store { shared, writer: Some(writer), _lock: lock, replay_time })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.shared.io.mode()
+    }
+
+    /// (SQEs submitted, io_uring_enter calls): how well submissions batch.
+    pub fn io_stats(&self) -> (u64, u64) {
+        let s = &self.shared.io.stats;
+        (s.sqes.load(Ordering::Relaxed), s.enters.load(Ordering::Relaxed))
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// (chunks, bytes used, limit)
+    pub fn usage(&self) -> (u64, u64, u64) {
+        let ix = self.shared.index.lock().unwrap();
+        (ix.chunks() as u64, ix.used(), ix.limit())
+    }
+
+    pub fn contains(&self, root: &Root, idx: u64) -> bool {
+        self.shared.index.lock().unwrap().contains(root, idx)
+    }
+
+    /// Fraction of the file's chunks on local disk.
+    pub fn fraction(&self, root: &Root, geom: &Geometry) -> f64 {
+        let ix = self.shared.index.lock().unwrap();
+        if ix.meta(root).is_some_and(|m| m != meta_of(geom)) {
+            return 0.0;
+        }
+        ix.present(root) as f64 / geom.n_chunks() as f64
+    }
+
+    /// Chunk `idx` from disk, verified; None is a miss. `leaf` gives the proven leaf value when
+    /// the stored ones cannot stand in (file incomplete); its error is a miss too (offline).
+    pub fn load(
+        &self,
+        root: &Root,
+        geom: &Geometry,
+        idx: u64,
+        leaf: impl FnOnce() -> crate::error::Result<Option<Cv>>,
+    ) -> Option<VerifiedChunk> {
+        let sh = &self.shared;
+        let rec = {
+            let mut ix = sh.index.lock().unwrap();
+            match ix.lookup(root, idx) {
+                Some(r) if ix.meta(root) == Some(meta_of(geom)) => r,
+                _ => {
+                    Stats::add(&sh.stats.misses, 1);
+                    return None;
+                }
+            }
+        };
+        let Ok((file, direct)) = sh.file(root, geom, false) else {
+            self.damaged(root, idx, "its data file is missing");
+            return None;
+        };
+        let len = rec.len as usize;
+        let read_len = if direct { round_up(len, sh.align as usize) } else { len };
+        let (tx, rx) = sync_channel(1);
+        let op = Op::Read { file, offset: geom.chunk_offset(idx), len: read_len };
+        sh.io.submit(op, Box::new(move |r| drop(tx.send(r))));
+        let mut data = match rx.recv_timeout(READ_DEADLINE) {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                self.damaged(root, idx, &format!("read error: {e}"));
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!(file = %hex(root), chunk = idx, "disk cache read took over {READ_DEADLINE:?}; fetching from the server");
+                Stats::add(&sh.stats.misses, 1);
+                return None;
+            }
+        };
+        if data.len() < len || len != geom.chunk_len(idx) {
+            self.damaged(root, idx, "short read");
+            return None;
+        }
+        data.truncate(len);
+        let n = geom.n_chunks();
+        let expected = if n == 1 {
+            None
+        } else if sh.index.lock().unwrap().proven(root) {
+            Some(rec.cv)
+        } else {
+            match leaf() {
+                Ok(cv) => cv,
+                Err(_) => {
+                    Stats::add(&sh.stats.misses, 1);
+                    return None;
+                }
+            }
+        };
+        match VerifiedChunk::verify(geom, &blake3::Hash::from_bytes(*root), idx, expected.as_ref(), data) {
+            Ok(c) => {
+                sh.index.lock().unwrap().mark_verified(root, idx);
+                Stats::add(&sh.stats.hits, 1);
+                Stats::add(&sh.stats.bytes_from_cache, len as u64);
+                Some(c)
+            }
+            Err(e) => {
+                Stats::add(&sh.stats.verify_failures, 1);
+                self.damaged(root, idx, &format!("failed BLAKE3 verification ({e})"));
+                None
+            }
+        }
+    }
+
+    /// Forget a damaged chunk, release its bytes, log.
+    fn damaged(&self, root: &Root, idx: u64, why: &str) {
+        let sh = &self.shared;
+        Stats::add(&sh.stats.misses, 1);
+        tracing::warn!(file = %hex(root), chunk = idx, "disk cache entry {why}; dropped, fetching from the server");
+        let mut ix = sh.index.lock().unwrap();
+        if let Some(e) = ix.remove(root, idx) {
+            let _ = sh.tx.lock().unwrap().send(WMsg::Release(vec![e], false));
+        }
+    }
+
+    /// Offer a verified chunk for caching. Never blocks on disk: the writer thread writes it, and
+    /// records it only once the write completed. Not admitted (no room, too many writes queued):
+    /// the read just goes on uncached.
+    pub fn admit(&self, root: &Root, geom: &Geometry, cv: Option<Cv>, chunk: &VerifiedChunk) {
+        let sh = &self.shared;
+        if sh.writes_inflight.load(Ordering::Relaxed) >= MAX_WRITES {
+            Stats::add(&sh.stats.not_admitted, 1);
+            return;
+        }
+        let mut ix = sh.index.lock().unwrap();
+        let tx = sh.tx.lock().unwrap();
+        let idx = chunk.index();
+        match ix.reserve(root, meta_of(geom), idx, chunk.len() as u32) {
+            Admit::Yes(ev) => {
+                if !ev.is_empty() {
+                    let _ = tx.send(WMsg::Release(ev, true));
+                }
+                sh.writes_inflight.fetch_add(1, Ordering::Relaxed);
+                let rec = ChunkRec { len: chunk.len() as u32, cv: cv.unwrap_or([0; 32]) };
+                let _ = tx.send(WMsg::Write { root: *root, meta: meta_of(geom), idx, rec, chunk: chunk.clone() });
+            }
+            Admit::Already => {}
+            Admit::No(ev) => {
+                if !ev.is_empty() {
+                    let _ = tx.send(WMsg::Release(ev, true));
+                }
+                Stats::add(&sh.stats.not_admitted, 1);
+            }
+        }
+    }
+
+    /// The data file of a complete file whose every chunk was verified since start, opened for
+    /// reading and pinned, for a passthrough open. None otherwise.
+    pub fn pin_complete(&self, root: &Root, geom: &Geometry) -> Option<Pin> {
+        let sh = &self.shared;
+        let mut ix = sh.index.lock().unwrap();
+        if ix.meta(root) != Some(meta_of(geom)) || !ix.all_verified(root) {
+            return None;
+        }
+        let file = File::open(data_path(&sh.dir, root)).ok()?;
+        if file.metadata().ok()?.len() != geom.size {
+            return None;
+        }
+        ix.pin(root);
+        Some(Pin { shared: sh.clone(), root: *root, file })
+    }
+
+    /// Wait until every admitted write completed and is recorded (tests, benchmarks).
+    pub fn flush(&self) {
+        let (tx, rx) = sync_channel(1);
+        let _ = self.shared.tx.lock().unwrap().send(WMsg::Flush(tx));
+        let _ = rx.recv_timeout(Duration::from_secs(60));
+    }
+
+    pub fn describe(&self) -> String {
+        let (chunks, used, limit) = self.usage();
+        format!(
+            "cache_dir {}\ncache_io {}\ncache_chunks {chunks}\ncache_used_bytes {used}\ncache_limit_bytes {limit}\n",
+            self.shared.dir.display(),
+            match self.mode() {
+                Mode::Uring => "io_uring",
+                Mode::Sync => "pread/pwrite",
+            }
+        )
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let _ = self.shared.tx.lock().unwrap().send(WMsg::Stop);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Shared {
+    /// The open data file of `root` and whether it is `O_DIRECT`; `create` makes it (sparse, at
+    /// the file's size, mode 0600).
+    pub(super) fn file(&self, root: &Root, geom: &Geometry, create: bool) -> io::Result<(Arc<File>, bool)> {
+        let cached = self.fds.lock().unwrap().get(root).cloned();
+        if let Some(f) = cached {
+            // A data file deleted behind our back is gone for the cache too (no orphan writes).
+            if f.0.metadata().is_ok_and(|m| m.nlink() > 0) {
+                return Ok(f);
+            }
+            self.forget_fd(root);
+        }
+        let path = data_path(&self.dir, root);
+        if create {
+            mkdir_private(&self.dir.join("data").join(&hex(root)[..2]))?;
+        }
+        let direct = self.direct && geom.chunk_size() % self.align == 0;
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).create(create).truncate(false).mode(0o600);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let f = o.open(&path)?;
+        if f.metadata()?.len() != geom.size {
+            f.set_len(geom.size)?;
+        }
+        let e = (Arc::new(f), direct);
+        self.fds.lock().unwrap().put(*root, e.clone());
+        Ok(e)
+    }
+
+    pub(super) fn forget_fd(&self, root: &Root) {
+        self.fds.lock().unwrap().pop(root);
+    }
+}
+
+pub(super) fn meta_of(geom: &Geometry) -> FileMeta {
+    FileMeta { size: geom.size, chunk_log2: geom.chunk_log2 }
+}
+
+pub(super) fn round_up(n: usize, align: usize) -> usize {
+    n.div_ceil(align) * align
+}
+
+fn apply(ix: &mut Index, r: Record) {
+    match r {
+        Record::Present { root, idx, size, chunk_log2, len, cv } => {
+            let meta = FileMeta { size, chunk_log2 };
+            let Ok(g) = Geometry::new(size, chunk_log2) else { return };
+            if idx < g.n_chunks() && len as usize == g.chunk_len(idx) {
+                ix.insert_replayed(&root, meta, idx, ChunkRec { len, cv });
+            }
+        }
+        Record::Absent { root, idx } => {
+            ix.remove(&root, idx);
+        }
+        Record::FileGone { root } => {
+            ix.remove_file(&root);
+        }
+    }
+}
+
+/// `O_DIRECT` alignment of the cache's filesystem and whether `O_DIRECT` works there at all.
+fn probe_direct(dir: &Path, journal: &File) -> (usize, bool) {
+    let align = disk::dio_align(journal);
+    let probe = dir.join("data/.probe");
+    let ok = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).custom_flags(libc::O_DIRECT).open(&probe).is_ok();
+    let _ = std::fs::remove_file(&probe);
+    match (align, ok) {
+        (Some(a), true) => (a.max(512), true),
+        (None, true) => (4096, true),
+        (_, false) => {
+            tracing::info!(dir = %dir.display(), "the cache's filesystem does not support O_DIRECT; using buffered I/O");
+            (4096, false)
+        }
+    }
+}
+
+/// Make the data files agree with the index: delete files the index does not know, drop index
+/// entries whose file vanished, release space held by chunks that are not recorded (a write
+/// that completed just before a crash, before its record), and release what `evicted` lists.
+fn reconcile(dir: &Path, ix: &mut Index, evicted: &[Evicted]) {
+    let mut seen = HashSet::new();
+    let data = dir.join("data");
+    for sub in std::fs::read_dir(&data).into_iter().flatten().flatten() {
+        let files = std::fs::read_dir(sub.path()).into_iter().flatten().flatten();
+        for f in files {
+            let name = f.file_name();
+            let root = name.to_str().and_then(layout::root_of_name);
+            match root.and_then(|r| ix.meta(&r).map(|m| (r, m))) {
+                None => {
+                    let _ = std::fs::remove_file(f.path());
+                }
+                Some((root, meta)) => {
+                    seen.insert(root);
+                    release_unrecorded(&f.path(), ix, &root, meta);
+                }
+            }
+        }
+    }
+    let known: Vec<Root> = ix.files().map(|(r, _, _)| *r).collect();
+    for r in known.iter().filter(|r| !seen.contains(*r)) {
+        tracing::warn!(file = %hex(r), "disk cache data file is missing; forgetting its chunks");
+        ix.remove_file(r);
+    }
+    for e in evicted {
+        let p = data_path(dir, &e.root);
+        if e.file_empty {
+            let _ = std::fs::remove_file(&p);
+        } else if let Ok(f) = OpenOptions::new().write(true).open(&p) {
+            let g = Geometry { size: e.meta.size, chunk_log2: e.meta.chunk_log2 };
+            let _ = disk::punch_hole(&f, g.chunk_offset(e.idx), g.chunk_size());
+        }
+    }
+}
+
+fn release_unrecorded(path: &Path, ix: &mut Index, root: &Root, meta: FileMeta) {
+    let Ok(f) = OpenOptions::new().write(true).open(path) else { return };
+    let Ok(m) = f.metadata() else { return };
+    if m.len() != meta.size && f.set_len(meta.size).is_err() {
+        return;
+    }
+    let present: Vec<u64> = ix.files().find(|(r, _, _)| *r == root).map(|(_, _, c)| c.iter().map(|x| x.0).collect()).unwrap_or_default();
+    let expected: u64 = present.len() as u64 * ix.cost(1u32 << meta.chunk_log2.min(31));
+    if m.blocks() * 512 <= expected + (1 << 20) {
+        return;
+    }
+    let g = Geometry { size: meta.size, chunk_log2: meta.chunk_log2 };
+    let present: HashSet<u64> = present.into_iter().collect();
+    for i in (0..g.n_chunks()).filter(|i| !present.contains(i)) {
+        let _ = disk::punch_hole(&f, g.chunk_offset(i), g.chunk_size());
+    }
+}
+
+/// Rewrite the journal with one record per present chunk, least recently used first, through a
+/// temporary file and a rename (a crash leaves the old or the new journal).
+pub(super) fn compact(dir: &Path, ix: &Index) -> io::Result<()> {
+    let tmp = dir.join("journal.tmp");
+    let mut out = Vec::with_capacity(layout::HEADER_LEN + ix.chunks() * layout::RECORD_LEN);
+    out.extend_from_slice(&layout::encode_header());
+    for (root, meta, idx, c) in ix.oldest_first() {
+        let r = Record::Present { root, idx, size: meta.size, chunk_log2: meta.chunk_log2, len: c.len, cv: c.cv };
+        out.extend_from_slice(&r.encode());
+    }
+    let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+    f.write_all(&out)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, dir.join("journal"))
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,230 @@
+//! The cache's writer thread: writes admitted chunks through the io_uring thread, records a chunk
+//! in the journal and the index only after its write completed, releases evicted and damaged
+//! chunks (hole punch, or delete a file left empty), and compacts the journal when it grows.
+//! One thread owns the journal, so records are appended in one order.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
+use std::sync::Arc;
+
+use super::index::{ChunkRec, Evicted, FileMeta};
+use super::layout::{data_path, hex, Record, Root};
+use super::store::{round_up, Shared};
+use super::Stats;
+use crate::chunk::{Geometry, VerifiedChunk};
+use crate::sys::disk;
+use crate::sys::uring::Op;
+
+pub(super) enum WMsg {
+    /// Write an admitted (reserved) chunk.
+    Write { root: Root, meta: FileMeta, idx: u64, rec: ChunkRec, chunk: VerifiedChunk },
+    /// A write finished (sent by the io_uring thread).
+    Done { root: Root, meta: FileMeta, idx: u64, rec: ChunkRec, padded: usize, file: Arc<File>, result: io::Result<()> },
+    /// Release chunks taken out of the index; `true` counts them as evictions.
+    Release(Vec<Evicted>, bool),
+    /// Answer once every write queued before is recorded.
+    Flush(SyncSender<()>),
+    Stop,
+}
+
+struct ChunkBytes(VerifiedChunk);
+
+impl AsRef<[u8]> for ChunkBytes {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+fn geom(meta: FileMeta) -> Geometry {
+    Geometry { size: meta.size, chunk_log2: meta.chunk_log2 }
+}
+
+fn no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+struct Writer {
+    sh: Arc<Shared>,
+    me: Sender<WMsg>,
+    journal: File,
+    pending: Vec<u8>,
+    appended: u64,
+    inflight: u64,
+    flushes: Vec<SyncSender<()>>,
+}
+
+pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal: File) {
+    let mut w = Writer { sh, me, journal, pending: Vec::new(), appended: 0, inflight: 0, flushes: Vec::new() };
+    let mut stopping = false;
+    loop {
+        if stopping && w.inflight == 0 {
+            w.flush_journal();
+            return;
+        }
+        let msg = if w.pending.is_empty() && w.flushes.is_empty() {
+            match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Empty) => {
+                    w.flush_journal();
+                    if w.inflight == 0 {
+                        for f in w.flushes.drain(..) {
+                            let _ = f.send(());
+                        }
+                    } else if let Ok(m) = rx.recv() {
+                        w.handle(m, &mut stopping);
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => return,
+            }
+        };
+        w.handle(msg, &mut stopping);
+    }
+}
+
+impl Writer {
+    fn handle(&mut self, msg: WMsg, stopping: &mut bool) {
+        match msg {
+            WMsg::Write { root, meta, idx, rec, chunk } => self.write(root, meta, idx, rec, chunk),
+            WMsg::Done { root, meta, idx, rec, padded, file, result } => {
+                self.inflight -= 1;
+                self.sh.writes_inflight.fetch_sub(1, Ordering::Relaxed);
+                self.done(root, meta, idx, rec, padded, &file, result);
+            }
+            WMsg::Release(list, count) => {
+                for e in list {
+                    self.release(e, count);
+                }
+            }
+            WMsg::Flush(tx) => self.flushes.push(tx),
+            WMsg::Stop => *stopping = true,
+        }
+    }
+
+    fn write(&mut self, root: Root, meta: FileMeta, idx: u64, rec: ChunkRec, chunk: VerifiedChunk) {
+        let g = geom(meta);
+        let (file, direct) = match self.sh.file(&root, &g, true) {
+            Ok(f) => f,
+            Err(e) => {
+                self.sh.writes_inflight.fetch_sub(1, Ordering::Relaxed);
+                self.failed(root, idx, rec, e);
+                return;
+            }
+        };
+        let len = chunk.len();
+        let padded = if direct { round_up(len, self.sh.align as usize) } else { len };
+        let me = self.me.clone();
+        let f2 = file.clone();
+        let op = Op::Write { file, offset: g.chunk_offset(idx), data: Box::new(ChunkBytes(chunk)), padded };
+        self.inflight += 1;
+        self.sh.io.submit(
+            op,
+            Box::new(move |r| {
+                let _ = me.send(WMsg::Done { root, meta, idx, rec, padded, file: f2, result: r.map(|_| ()) });
+            }),
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn done(&mut self, root: Root, meta: FileMeta, idx: u64, rec: ChunkRec, padded: usize, file: &File, r: io::Result<()>) {
+        // A padded tail write extends the file past its size: cut it back.
+        let r = r.and_then(|()| if padded > rec.len as usize { file.set_len(meta.size) } else { Ok(()) });
+        match r {
+            Ok(()) => {
+                let rp = Record::Present { root, idx, size: meta.size, chunk_log2: meta.chunk_log2, len: rec.len, cv: rec.cv };
+                self.pending.extend_from_slice(&rp.encode());
+                self.sh.index.lock().unwrap().commit(&root, idx, rec);
+                Stats::add(&self.sh.stats.chunks_written, 1);
+                Stats::add(&self.sh.stats.bytes_written, rec.len as u64);
+            }
+            Err(e) => {
+                // Whatever reached the disk is not recorded; release it.
+                let _ = disk::punch_hole(file, geom(meta).chunk_offset(idx), padded as u64);
+                self.failed(root, idx, rec, e);
+            }
+        }
+    }
+
+    fn failed(&mut self, root: Root, idx: u64, rec: ChunkRec, e: io::Error) {
+        Stats::add(&self.sh.stats.not_admitted, 1);
+        let mut ix = self.sh.index.lock().unwrap();
+        let empty = ix.abort(&root, idx, rec.len);
+        if no_space(&e) {
+            // The disk is fuller than cache_size assumed: hold what we have, evict to admit more.
+            let used = ix.used();
+            let ev = ix.set_limit(used);
+            drop(ix);
+            for e in ev {
+                self.release(e, true);
+            }
+            if !self.sh.enospc_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(dir = %self.sh.dir.display(), limit = used, "cache filesystem is full; the cache keeps {used} bytes and reads stream through uncached when it cannot admit");
+            }
+        } else {
+            drop(ix);
+            Stats::add(&self.sh.stats.write_errors, 1);
+            tracing::warn!(file = %hex(&root), chunk = idx, error = %e, "disk cache write failed; not cached");
+        }
+        if empty {
+            self.delete(&root);
+        }
+    }
+
+    fn release(&mut self, e: Evicted, count: bool) {
+        if count {
+            Stats::add(&self.sh.stats.evictions, 1);
+        }
+        if e.file_empty {
+            self.delete(&e.root);
+            return;
+        }
+        let g = geom(e.meta);
+        if let Ok((f, _)) = self.sh.file(&e.root, &g, false) {
+            let _ = disk::punch_hole(&*f, g.chunk_offset(e.idx), round_up(g.chunk_len(e.idx), self.sh.align as usize) as u64);
+        }
+        self.pending.extend_from_slice(&Record::Absent { root: e.root, idx: e.idx }.encode());
+    }
+
+    fn delete(&mut self, root: &Root) {
+        self.sh.forget_fd(root);
+        let _ = std::fs::remove_file(data_path(&self.sh.dir, root));
+        self.pending.extend_from_slice(&Record::FileGone { root: *root }.encode());
+    }
+
+    fn flush_journal(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if let Err(e) = self.journal.write_all(&self.pending) {
+            // Records lost here only make the cache forget chunks; start-up reconciles the space.
+            tracing::warn!(error = %e, "cannot append to the disk cache journal");
+        }
+        self.appended += (self.pending.len() / super::layout::RECORD_LEN) as u64;
+        self.pending.clear();
+        let live = self.sh.index.lock().unwrap().chunks() as u64;
+        if self.appended > 2 * live + 65536 {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let r = {
+            let ix = self.sh.index.lock().unwrap();
+            super::store::compact(&self.sh.dir, &ix)
+        };
+        match r.and_then(|()| std::fs::OpenOptions::new().append(true).open(self.sh.dir.join("journal"))) {
+            Ok(j) => {
+                self.journal = j;
+                self.appended = 0;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot compact the disk cache journal"),
+        }
+    }
+}

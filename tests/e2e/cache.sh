@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# End-to-end tests of the disk cache (issue 3), on loopback, as root:
+#
+#   WRAITH_BIN=target/release tests/e2e/cache.sh [--crash-trials N]
+#
+# Cold read fills the cache; warm remount reads from it (nothing from the network), then by
+# passthrough; damaged cache bytes (flipped, truncated, swapped, deleted) are detected and
+# refetched; a small cache_size stays bounded with evictions; a cache on a tiny filesystem that
+# runs out of space streams reads through; a cache directory in use is refused; the pread
+# fallback; reads continue from the cache while the server is stopped; kill -9 of the client
+# during fills (N trials, default 50) leaves a cache that still serves byte-identical data.
+# Prints `ok - name` / `not ok - name: reason`, ends with "N passed, N failed", exits non-zero
+# on failure. Every command that could hang runs under `timeout`; mounts are cleaned up.
+
+set -uo pipefail
+# shellcheck source=tests/e2e/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+E2E_SUMMARY=1
+
+TRIALS=50
+while [ $# -gt 0 ]; do
+    case $1 in
+        --crash-trials) TRIALS=${2:?}; shift 2 ;;
+        -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "cache.sh: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+done
+
+[ "$(id -u)" -eq 0 ] || die "prerequisites" "must run as root (FUSE mounts, drop_caches, loop devices)"
+for t in b3sum getfattr cmp findmnt python3 timeout; do
+    command -v "$t" >/dev/null || die "prerequisites" "missing tool $t"
+done
+require_bins
+setup_work wraith-cache
+
+SRC=$WORK/srv/tree
+KEY=$WORK/keys/k
+CACHE=$WORK/cache
+M=$WORK/cli/m
+mkdir -p "$SRC" "$CACHE" "$M"
+make_key "$KEY"
+CHUNK=262144
+
+# Files: multi-chunk with a short tail, exactly one chunk, tiny, empty, and a few for eviction.
+python3 - "$SRC" <<'PY'
+import os, random, sys
+d = sys.argv[1]
+r = random.Random(3)
+def put(name, n):
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(r.randbytes(n))
+put("big.bin", 24 * 262144 + 12345)
+put("one.bin", 262144)
+put("tiny.txt", 100)
+put("empty", 0)
+for i in range(4):
+    put(f"ev{i}.bin", 3 * 1048576 + i)
+for i in range(6):
+    put(f"crash{i}.bin", 2 * 1048576 + 1000 * i)
+PY
+
+PORT=$(free_udp_port)
+SERVE_ARGS=(--key "$KEY" --state-dir "$WORK/state" --export "tree=$SRC")
+serve cache "" 127.0.0.1 "$PORT" "${SERVE_ARGS[@]}" || exit 1
+SPID=$SERVER_PID
+SPEC=127.0.0.1:$PORT:/tree
+
+# cmount NAME MNT OPTS: mount (daemonized), with a check.
+cmount() { mount_ok "$1" "" "$SPEC" "$2" "keyfile=$KEY,$3"; }
+stat_of() { timeout 10 "$WRAITH_BIN/wraith-mount" --stats "$1" | awk -v k="$2" '$1 == k { print $2 }'; }
+xattr() { timeout 10 getfattr --only-values -n "$2" "$1" 2>/dev/null; }
+data_file() { printf '%s/data/%s/%s' "$1" "$(b3sum --no-names "$2" | cut -c1-2)" "$(b3sum --no-names "$2")"; }
+same_all() {
+    local f
+    for f in big.bin one.bin tiny.txt empty; do
+        timeout 60 cmp "$SRC/$f" "$1/$f" || return 1
+    done
+}
+# expect NAME TEST...: ok when the test command holds.
+expect() {
+    local name=$1
+    shift
+    if "$@"; then ok "$name"; else not_ok "$name" "$*"; fi
+}
+gt() { [ "${1:-0}" -gt "$2" ]; }
+eq() { [ "${1:-x}" = "$2" ]; }
+
+# --- cold, warm, passthrough ---------------------------------------------------------------
+OPTS="cache_dir=$CACHE,cache_size=1G,attr_timeout=1"
+if cmount cold "$M" "$OPTS"; then
+    check "cold: every file reads byte-identical" same_all "$M"
+    expect "cold: source is network" eq "$(xattr "$M/big.bin" user.wraith.source)" network
+    sleep 0.5
+    expect "cold: user.wraith.cached = 1.0000 after a full read" eq "$(xattr "$M/big.bin" user.wraith.cached)" 1.0000
+    expect "cold: --stats reports the chunks written" gt "$(stat_of "$M" cache_chunks_written)" 24
+    umount_ok cold "$M"
+fi
+drop_caches
+if cmount warm "$M" "$OPTS"; then
+    check "warm: every file reads byte-identical" same_all "$M"
+    expect "warm: nothing came from the network" eq "$(stat_of "$M" bytes_from_network)" 0
+    expect "warm: chunks came from the cache" gt "$(stat_of "$M" chunks_from_cache)" 24
+    expect "warm: source is cache" eq "$(xattr "$M/big.bin" user.wraith.source)" cache
+    drop_caches
+    check "passthrough: a verified complete file reads byte-identical" timeout 60 cmp "$SRC/big.bin" "$M/big.bin"
+    expect "passthrough: source is passthrough" eq "$(xattr "$M/big.bin" user.wraith.source)" passthrough
+    expect "passthrough: counted" gt "$(stat_of "$M" passthrough_opens)" 0
+    check "passthrough: mmap reads the same bytes" timeout 60 python3 -c '
+import mmap, sys
+a = open(sys.argv[1], "rb").read()
+with open(sys.argv[2], "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    assert m[:] == a, "mmap differs"' "$SRC/big.bin" "$M/big.bin"
+    # Two opens at once, one already passthrough: both read right.
+    check "passthrough: concurrent opens" timeout 60 bash -c "exec 3<'$M/big.bin'; cmp '$SRC/big.bin' '$M/big.bin' && cmp '$SRC/big.bin' /dev/fd/3"
+    umount_ok warm "$M"
+fi
+
+# --- corruption ------------------------------------------------------------------------------
+flip() { printf '\x5a' | dd of="$1" bs=1 seek="$2" conv=notrunc status=none; }
+BIGD=$(data_file "$CACHE" "$SRC/big.bin")
+ONED=$(data_file "$CACHE" "$SRC/one.bin")
+TINYD=$(data_file "$CACHE" "$SRC/tiny.txt")
+if [ -f "$BIGD" ] && [ -f "$ONED" ] && [ -f "$TINYD" ]; then
+    flip "$BIGD" $((3 * CHUNK + 17))
+    # Swap chunks 5 and 6.
+    python3 - "$BIGD" "$CHUNK" <<'PY'
+import sys
+p, c = sys.argv[1], int(sys.argv[2])
+with open(p, "r+b") as f:
+    f.seek(5 * c); a = f.read(c); b = f.read(c)
+    f.seek(5 * c); f.write(b); f.write(a)
+PY
+    truncate -s 1000 "$ONED"
+    rm -f "$TINYD"
+    ok "corrupt: flipped a byte, swapped two chunks, truncated one file, deleted another"
+    drop_caches
+    if cmount corrupt "$M" "$OPTS"; then
+        check "corrupt: every file still reads byte-identical" same_all "$M"
+        expect "corrupt: damage detected (cache_verify_failures >= 3)" gt "$(stat_of "$M" cache_verify_failures)" 2
+        expect "corrupt: damaged chunks refetched from the network" gt "$(stat_of "$M" chunks_from_network)" 2
+        umount_ok corrupt "$M"
+    fi
+    if cmount corrupt2 "$M" "$OPTS"; then
+        check "corrupt: after refetch, all reads are right" same_all "$M"
+        expect "corrupt: after refetch, nothing from the network" eq "$(stat_of "$M" bytes_from_network)" 0
+        umount_ok corrupt2 "$M"
+    fi
+else
+    not_ok "corrupt: data files exist" "missing $BIGD / $ONED / $TINYD"
+fi
+
+# --- bounded ---------------------------------------------------------------------------------
+SMALL=$WORK/cache-small
+if cmount bounded "$M" "cache_dir=$SMALL,cache_size=5M"; then
+    check "bounded: 12 MiB through a 5 MiB cache read byte-identical" bash -c "for i in 0 1 2 3; do timeout 60 cmp '$SRC/ev'\$i.bin '$M/ev'\$i.bin || exit 1; done"
+    sleep 0.5
+    used=$(stat_of "$M" cache_used_bytes)
+    expect "bounded: cache_used_bytes ($used) <= 5 MiB" [ "${used:-99999999}" -le $((5 << 20)) ]
+    expect "bounded: evictions counted" gt "$(stat_of "$M" cache_evictions)" 0
+    ondisk=$(du -sk --apparent-size "$SMALL/data" >/dev/null; du -sk "$SMALL/data" | cut -f1)
+    expect "bounded: ${ondisk} KiB allocated on disk <= 5 MiB + 1 chunk" [ "${ondisk:-99999}" -le $((5 * 1024 + 256)) ]
+    umount_ok bounded "$M"
+fi
+
+# --- tiny filesystem: ENOSPC --------------------------------------------------------------
+TINYFS=$WORK/tinyfs
+mkdir -p "$TINYFS"
+tiny_kind=
+if truncate -s 8M "$WORK/tiny.img" && timeout 30 mkfs.ext4 -q -F "$WORK/tiny.img" >/dev/null 2>&1 &&
+    timeout 30 mount -o loop "$WORK/tiny.img" "$TINYFS" 2>/dev/null; then
+    tiny_kind="8 MiB ext4 on a loop device"
+    MOUNTS+=("$TINYFS")
+elif timeout 10 mount -t tmpfs -o size=8m tmpfs "$TINYFS"; then
+    tiny_kind="8 MiB tmpfs"
+    MOUNTS+=("$TINYFS")
+fi
+if [ -n "$tiny_kind" ]; then
+    if cmount enospc "$M" "cache_dir=$TINYFS/c,cache_size=1G"; then
+        check "enospc: 12 MiB read through a cache on a $tiny_kind, byte-identical" bash -c "for i in 0 1 2 3; do timeout 60 cmp '$SRC/ev'\$i.bin '$M/ev'\$i.bin || exit 1; done"
+        check "enospc: and again (mixed cache and network)" bash -c "for i in 3 2 1 0; do timeout 60 cmp '$SRC/ev'\$i.bin '$M/ev'\$i.bin || exit 1; done"
+        expect "enospc: some chunks streamed through uncached" gt "$(stat_of "$M" cache_not_admitted)" 0
+        umount_ok enospc "$M"
+    fi
+    unmount "$TINYFS"
+else
+    not_ok "enospc: a tiny filesystem" "neither a loop device nor tmpfs could be mounted"
+fi
+
+# --- one mount per cache directory; pread fallback -----------------------------------------
+M2=$WORK/cli/m2
+if cmount lock1 "$M" "$OPTS"; then
+    if cmount lock2 "$M2" "$OPTS"; then
+        expect "lock: a second mount of the same cache_dir runs without disk cache" eq "$(stat_of "$M2" cache_dir)" none
+        check "lock: and still reads right" timeout 60 cmp "$SRC/big.bin" "$M2/big.bin"
+        umount_ok lock2 "$M2"
+    fi
+    umount_ok lock1 "$M"
+fi
+PREAD=$WORK/cache-pread
+if cmount pread "$M" "cache_dir=$PREAD,cache_io=pread"; then
+    check "pread: cold read through the forced fallback" same_all "$M"
+    expect "pread: the fallback is in use" eq "$(stat_of "$M" cache_io)" pread/pwrite
+    umount_ok pread "$M"
+fi
+if cmount pread2 "$M" "cache_dir=$PREAD,cache_io=pread"; then
+    check "pread: warm read through the forced fallback" same_all "$M"
+    expect "pread: nothing from the network" eq "$(stat_of "$M" bytes_from_network)" 0
+    umount_ok pread2 "$M"
+fi
+
+# --- offline: the server stops, cached files stay readable -------------------------------
+if cmount offline "$M" "$OPTS,timeout=2,nopassthrough"; then
+    # Remounted with a warm cache: know the files (lookup, open), then stop the server.
+    timeout 30 head -c 1 "$M/big.bin" >/dev/null
+    timeout 30 head -c 1 "$M/one.bin" >/dev/null
+    stop_pid "$SPID" 5
+    ok "offline: server stopped"
+    drop_caches
+    check "offline: a fully cached file reads byte-identical with the server stopped" timeout 60 cmp "$SRC/big.bin" "$M/big.bin"
+    sleep 1.5 # past attr_timeout: a new open revalidates, times out, uses the cached version
+    check "offline: and again after the attribute timeout (reopen offline)" timeout 60 cmp "$SRC/one.bin" "$M/one.bin"
+    check_fails "offline: a file never seen fails at the deadline" timeout 30 cat "$M/ev0.bin"
+    umount_ok offline "$M"
+    serve cache2 "" 127.0.0.1 "$PORT" "${SERVE_ARGS[@]}" || exit 1
+    SPID=$SERVER_PID
+fi
+
+# --- crash: kill -9 of the client during fills --------------------------------------------
+CRASH=$WORK/cache-crash
+MC=$WORK/cli/crash
+mkdir -p "$MC"
+MOUNTS+=("$MC")
+killed=0
+for ((t = 0; t < TRIALS; t++)); do
+    "$WRAITH_BIN/wraith-mount" "$SPEC" "$MC" -f -o "keyfile=$KEY,cache_dir=$CRASH,cache_size=6M" \
+        >>"$WORK/logs/crash-mount.log" 2>&1 </dev/null &
+    mpid=$!
+    for ((i = 0; i < 100; i++)); do
+        is_mounted "$MC" && break
+        sleep 0.05
+    done
+    readers=()
+    for i in 0 1 2 3 4 5; do
+        timeout 20 cat "$MC/crash$i.bin" >/dev/null 2>&1 &
+        readers+=($!)
+    done
+    sleep "0.$((RANDOM % 40))"
+    kill -KILL "$mpid" 2>/dev/null && killed=$((killed + 1))
+    wait "$mpid" 2>/dev/null
+    timeout 10 umount -l "$MC" 2>/dev/null || timeout 10 fusermount3 -uz "$MC" 2>/dev/null
+    wait "${readers[@]}" 2>/dev/null # the readers (they fail: the daemon is gone)
+done
+expect "crash: $killed clients killed with SIGKILL during fills" [ "$killed" -ge "$TRIALS" ]
+if cmount crash "$MC" "cache_dir=$CRASH,cache_size=6M"; then
+    check "crash: every file reads byte-identical after $TRIALS kill -9" bash -c "for i in 0 1 2 3 4 5; do timeout 60 cmp '$SRC/crash'\$i.bin '$MC/crash'\$i.bin || exit 1; done"
+    check "crash: and again, from the cache" bash -c "for i in 5 4 3 2 1 0; do timeout 60 cmp '$SRC/crash'\$i.bin '$MC/crash'\$i.bin || exit 1; done"
+    expect "crash: served from the cache" gt "$(stat_of "$MC" chunks_from_cache)" 0
+    used=$(stat_of "$MC" cache_used_bytes)
+    expect "crash: within cache_size ($used bytes)" [ "${used:-99999999}" -le $((6 << 20)) ]
+    umount_ok crash "$MC"
+fi
+ondisk=$(du -sk "$CRASH/data" | cut -f1)
+expect "crash: ${ondisk} KiB on disk, no space leaked past 6 MiB + chunks in flight" [ "${ondisk:-99999}" -le $((6 * 1024 + 64 * 256)) ]
