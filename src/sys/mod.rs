@@ -6,4 +6,7 @@
 
 pub mod fs;
 pub mod net;
+pub mod netdev;
 pub mod process;
+pub mod xdp_prog;
+pub mod xsk;

@@ -1,7 +1,8 @@
 //! Datagram I/O and the threads that drive the sans-IO protocol with the real clock.
 //!
 //! [`DatagramIo`] is what the protocol drivers need from a network path; `udp` implements it with
-//! kernel UDP sockets (GSO/GRO/recvmmsg via quinn-udp).
+//! kernel UDP sockets (GSO/GRO/recvmmsg via quinn-udp), `xdp` with AF_XDP sockets and raw
+//! Ethernet frames built by `packet`.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,8 +19,10 @@ use crate::proto::msg::{Request, Response};
 use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::net;
 
+pub mod packet;
 pub mod udp;
-pub use udp::{RecvBufs, UdpIo};
+pub mod xdp;
+pub use udp::UdpIo;
 
 /// A datagram path: what the client and server loops need, whatever carries the bytes.
 pub trait DatagramIo: Send + Sync {
@@ -27,8 +30,9 @@ pub trait DatagramIo: Send + Sync {
     fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()>;
     /// Wait up to `timeout` until datagrams may be read.
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
-    /// Hand every datagram queued now to `f`, without blocking.
-    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+    /// Hand every datagram queued now to `f`, without blocking. Receive buffers belong to the
+    /// implementation (UDP: recvmmsg buffers; AF_XDP: the UMEM frames themselves).
+    fn recv_now(&self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
 }
 
 /// Largest datagram for the path to `peer` without IP fragmentation.
@@ -215,7 +219,6 @@ fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
 }
 
 fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr) {
-    let mut bufs = RecvBufs::default();
     loop {
         if Arc::strong_count(&shared) == 1 {
             return; // the transport was dropped
@@ -231,7 +234,7 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
         let now = Instant::now();
         if readable {
             let client = &mut s.client;
-            let r = io.recv_now(&mut bufs, &mut |from, d| {
+            let r = io.recv_now(&mut |from, d| {
                 if from.ip().to_canonical() == peer.ip().to_canonical() && from.port() == peer.port() {
                     client.handle_datagram(now, d);
                 }
