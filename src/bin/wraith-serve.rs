@@ -9,6 +9,7 @@ use std::sync::Arc;
 use clap::Parser;
 use wraith::cli;
 use wraith::serve::{self, export::parse_export_spec, ServeConfig};
+use wraith::transport::xdp::{XdpIo, XdpMode, XdpOptions};
 
 #[derive(Parser)]
 #[command(name = "wraith-serve", version, about = "Export directories read-only over the wraith protocol")]
@@ -25,6 +26,16 @@ struct Args {
     /// Where file hashes are kept between runs.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Serve over AF_XDP on this interface (wraith's XDP filter takes only wraith's UDP port;
+    /// everything else still reaches the kernel). Exits with a one-line reason if it cannot.
+    #[arg(long, value_name = "IFACE")]
+    xdp: Option<String>,
+    /// With --xdp: receive queues to bind, e.g. 0,1 (default: every queue of the interface).
+    #[arg(long, value_name = "Q,Q,...", value_delimiter = ',', requires = "xdp")]
+    xdp_queues: Option<Vec<u32>>,
+    /// With --xdp: where the XDP program runs: native (driver), generic (skb), or auto.
+    #[arg(long, value_name = "MODE", default_value = "auto", requires = "xdp")]
+    xdp_mode: String,
     /// Worker threads answering requests.
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -82,9 +93,46 @@ fn main() -> ExitCode {
     }
     let names: Vec<String> = exports.iter().map(|e| format!("{}={}", e.name, e.path.display())).collect();
     let cfg = ServeConfig { exports, listen: args.listen, psk, state_dir, workers: args.workers };
-    tracing::info!(listen = %args.listen, exports = ?names, "serving");
-    eprintln!("wraith-serve: listening on udp {} exporting {}", args.listen, names.join(", "));
-    match serve::run(cfg, stop) {
+    let result = match &args.xdp {
+        None => {
+            tracing::info!(listen = %args.listen, exports = ?names, "serving");
+            eprintln!("wraith-serve: listening on udp {} exporting {}", args.listen, names.join(", "));
+            serve::run(cfg, stop)
+        }
+        Some(iface) => {
+            let mode = match args.xdp_mode.as_str() {
+                "auto" => None,
+                "native" => Some(XdpMode::Native),
+                "generic" => Some(XdpMode::Generic),
+                m => return fail(format!("--xdp-mode {m}: expected auto, native or generic")),
+            };
+            let handler = match serve::handler(&cfg) {
+                Ok(h) => h,
+                Err(e) => return fail(e.to_string()),
+            };
+            let opts = XdpOptions { iface: iface.clone(), queues: args.xdp_queues.clone(), mode };
+            let io = match XdpIo::open(&opts, args.listen) {
+                Ok(io) => io,
+                Err(e) => return fail(format!("AF_XDP unavailable: {e}")),
+            };
+            tracing::info!(listen = %io.local_addr(), exports = ?names, what = %io.describe(), "serving");
+            eprintln!("wraith-serve: {}; exporting {}", io.describe(), names.join(", "));
+            let io = std::sync::Arc::new(io);
+            let r = serve::serve_io(io.clone(), handler, cfg.psk, cfg.workers, stop);
+            let st = io.stats();
+            use std::sync::atomic::Ordering::Relaxed;
+            tracing::info!(
+                rx = st.rx_frames.load(Relaxed),
+                rx_ignored = st.rx_ignored.load(Relaxed),
+                tx = st.tx_frames.load(Relaxed),
+                kicks = st.tx_kicks.load(Relaxed),
+                "AF_XDP totals"
+            );
+            drop(io); // detaches the XDP program
+            r
+        }
+    };
+    match result {
         Ok(()) => {
             eprintln!("wraith-serve: stopped");
             ExitCode::SUCCESS
