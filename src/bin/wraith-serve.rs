@@ -15,7 +15,7 @@ use wraith::transport::xdp::{XdpIo, XdpMode, XdpOptions};
 #[command(name = "wraith-serve", version, about = "Export directories read-only over the wraith protocol")]
 struct Args {
     /// NAME=PATH[,chunk=SIZE]: export PATH as share NAME (repeatable). chunk: power of two, 1K..16M, default 256K.
-    #[arg(long = "export", short = 'e', required = true)]
+    #[arg(long = "export", short = 'e', required_unless_present_any = ["xdp_blast_send", "xdp_blast_recv"])]
     exports: Vec<String>,
     /// Address and UDP port to listen on.
     #[arg(long, default_value = "[::]:7447")]
@@ -36,6 +36,17 @@ struct Args {
     /// With --xdp: where the XDP program runs: native (driver), generic (skb), or auto.
     #[arg(long, value_name = "MODE", default_value = "auto", requires = "xdp")]
     xdp_mode: String,
+    /// Benchmark only: instead of serving, send raw datagrams to this IP:PORT (with --xdp:
+    /// over AF_XDP, else over UDP) for --xdp-blast-secs.
+    #[arg(long, hide = true, value_name = "IP:PORT")]
+    xdp_blast_send: Option<SocketAddr>,
+    /// Benchmark only: instead of serving, count raw datagrams arriving on --listen.
+    #[arg(long, hide = true)]
+    xdp_blast_recv: bool,
+    #[arg(long, hide = true, default_value_t = 5)]
+    xdp_blast_secs: u64,
+    #[arg(long, hide = true, default_value_t = 1472)]
+    xdp_blast_size: usize,
     /// Worker threads answering requests.
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -58,6 +69,60 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
+fn xdp_mode(m: &str) -> Result<Option<XdpMode>, String> {
+    match m {
+        "auto" => Ok(None),
+        "native" => Ok(Some(XdpMode::Native)),
+        "generic" => Ok(Some(XdpMode::Generic)),
+        m => Err(format!("--xdp-mode {m}: expected auto, native or generic")),
+    }
+}
+
+/// The hidden raw-throughput mode used by scripts/bench-xdp.
+fn blast(args: &Args) -> ExitCode {
+    use wraith::transport::{xdp::blast, DatagramIo, UdpIo};
+    let fail = |msg: String| {
+        eprintln!("wraith-serve: {msg}");
+        ExitCode::from(1)
+    };
+    let io: Box<dyn DatagramIo> = match &args.xdp {
+        Some(iface) => {
+            let mode = match xdp_mode(&args.xdp_mode) {
+                Ok(m) => m,
+                Err(m) => return fail(m),
+            };
+            let opts = XdpOptions { iface: iface.clone(), queues: args.xdp_queues.clone(), mode };
+            let io = match XdpIo::open(&opts, args.listen) {
+                Ok(io) => io,
+                Err(e) => return fail(format!("AF_XDP unavailable: {e}")),
+            };
+            if let Some(d) = args.xdp_blast_send {
+                if let Err(e) = io.resolve_peer(d, std::time::Duration::from_secs(3)) {
+                    return fail(e.to_string());
+                }
+            }
+            eprintln!("wraith-serve: blast over {}", io.describe());
+            Box::new(io)
+        }
+        None => match std::net::UdpSocket::bind(args.listen).and_then(UdpIo::new) {
+            Ok(io) => Box::new(io),
+            Err(e) => return fail(format!("cannot bind {}: {e}", args.listen)),
+        },
+    };
+    let secs = std::time::Duration::from_secs(args.xdp_blast_secs);
+    let r = match args.xdp_blast_send {
+        Some(d) => blast::send(&*io, d, args.xdp_blast_size, secs),
+        None => blast::receive(&*io, std::time::Duration::from_secs(1), secs + std::time::Duration::from_secs(30)),
+    };
+    match r {
+        Ok(r) => {
+            println!("{} datagrams {} bytes {:.3} s {:.0} MB/s", r.datagrams, r.bytes, r.secs, r.mb_per_s());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("blast: {e}")),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     wraith::logging::init(args.verbose, false);
@@ -65,6 +130,9 @@ fn main() -> ExitCode {
         eprintln!("wraith-serve: {msg}");
         ExitCode::from(1)
     };
+    if args.xdp_blast_send.is_some() || args.xdp_blast_recv {
+        return blast(&args);
+    }
     let mut exports = Vec::new();
     for e in &args.exports {
         match parse_export_spec(e) {
@@ -100,11 +168,9 @@ fn main() -> ExitCode {
             serve::run(cfg, stop)
         }
         Some(iface) => {
-            let mode = match args.xdp_mode.as_str() {
-                "auto" => None,
-                "native" => Some(XdpMode::Native),
-                "generic" => Some(XdpMode::Generic),
-                m => return fail(format!("--xdp-mode {m}: expected auto, native or generic")),
+            let mode = match xdp_mode(&args.xdp_mode) {
+                Ok(m) => m,
+                Err(m) => return fail(m),
             };
             let handler = match serve::handler(&cfg) {
                 Ok(h) => h,

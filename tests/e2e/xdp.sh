@@ -18,13 +18,11 @@
 set -uo pipefail
 # shellcheck source=tests/e2e/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=tests/e2e/xdp_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/xdp_lib.sh"
 
 E2E_SUMMARY=1
 MIB=${WRAITH_XDP_MIB:-64}
-S_ADDR=10.77.1.1
-C_ADDR=10.77.1.2
-S_IF=wx0
-C_IF=wx1
 PORT=7447
 
 [ "$(id -u)" -eq 0 ] || die "prerequisites" "must run as root (namespaces, XDP, FUSE)"
@@ -39,29 +37,6 @@ SRC=$WORK/srv/tree
 KEY=$WORK/keys/xdp.key
 SERVER_PID=
 HTTP_PID=
-
-xdp_setup() {
-    local ns pid
-    # Namespaces of earlier runs whose process is gone.
-    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^wrxdp-[0-9]+-[ab]$'); do
-        pid=${ns#wrxdp-}
-        pid=${pid%-*}
-        kill -0 "$pid" 2>/dev/null || ip netns del "$ns" 2>/dev/null
-    done
-    NS_A=wrxdp-$$-a
-    NS_B=wrxdp-$$-b
-    ip netns add "$NS_A" && ip netns add "$NS_B" || return 1
-    ip link add "$S_IF" netns "$NS_A" type veth peer name "$C_IF" netns "$NS_B" || return 1
-    ip -n "$NS_A" addr add "$S_ADDR/24" dev "$S_IF" && ip -n "$NS_B" addr add "$C_ADDR/24" dev "$C_IF" || return 1
-    ip -n "$NS_A" link set lo up && ip -n "$NS_A" link set "$S_IF" up || return 1
-    ip -n "$NS_B" link set lo up && ip -n "$NS_B" link set "$C_IF" up || return 1
-    local i
-    for ((i = 0; i < 50; i++)); do
-        ip -n "$NS_A" link show "$S_IF" | grep -q 'state UP' && ip -n "$NS_B" link show "$C_IF" | grep -q 'state UP' && return 0
-        sleep 0.1
-    done
-    return 1
-}
 
 # xdp_attached NS IF: true when an XDP program is attached to IF.
 xdp_attached() { ip -n "$1" link show "$2" 2>/dev/null | grep -q 'prog/xdp'; }

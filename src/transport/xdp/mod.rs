@@ -10,6 +10,7 @@
 //!
 //! IPv4 only for now: next hops come from the kernel's IPv4 tables (`neigh`).
 
+pub mod blast;
 pub mod neigh;
 pub mod rings;
 
