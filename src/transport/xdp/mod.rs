@@ -43,6 +43,8 @@ const FRAME_ROOM: usize = xsk::FRAME_SIZE as usize - 256;
 const IPV4_UDP: usize = packet::header_len(false);
 /// How long a send waits for frames to come back before giving up.
 const SEND_WAIT: Duration = Duration::from_secs(2);
+/// How long to wait for another wraith process to let go of the interface.
+const OWNER_WAIT: Duration = Duration::from_secs(5);
 /// How long a neighbour-table answer is trusted.
 const NEIGH_TTL: Duration = Duration::from_secs(30);
 
@@ -173,7 +175,18 @@ impl XdpIo {
         };
         let reserve = UdpSocket::bind(bind).map_err(|e| err(format!("cannot reserve UDP {bind}: {e}")))?;
         let port = reserve.local_addr().map_err(|e| err(e.to_string()))?.port();
-        let prog = XdpProgram::attach(dev.index, port, opts.mode).map_err(|e| match e {
+        // A wraith process that is exiting (say, the mount just unmounted) still holds the
+        // program for a moment: wait for it, bounded, before calling the interface taken.
+        let deadline = Instant::now() + OWNER_WAIT;
+        let attached = loop {
+            match XdpProgram::attach(dev.index, port, opts.mode) {
+                Err(AttachError::InUse { live_wraith: true, .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r => break r,
+            }
+        };
+        let prog = attached.map_err(|e| match e {
             AttachError::Load(e) if privilege(&e) => {
                 err("no privilege to load XDP programs (run as root, or with CAP_BPF and CAP_NET_ADMIN)".into())
             }
