@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::proto::frame::Missing;
 use crate::proto::msg::{Request, Response};
 use crate::proto::server::{Input, Server, Session};
-use crate::transport::{DatagramIo, UdpIo};
+use crate::transport::{DatagramIo, RecvBufs, UdpIo};
 use crate::types::FileInfo;
 use export::{ExportSpec, Exports};
 use index::HashIndex;
@@ -153,13 +153,16 @@ struct Job {
 
 /// Run the server until `stop` is set. Binds, then serves.
 pub fn run(cfg: ServeConfig, stop: Arc<AtomicBool>) -> io::Result<()> {
-    let handler = handler(&cfg)?;
+    let exports = Exports::new(cfg.exports).map_err(io::Error::other)?;
+    let index = HashIndex::open(&cfg.state_dir)
+        .map_err(|e| io::Error::other(format!("state directory {}: {e}", cfg.state_dir.display())))?;
     let sock = UdpSocket::bind(cfg.listen)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.listen)))?;
-    serve_socket(sock, handler, cfg.psk, cfg.workers, stop)
+    serve_socket(sock, Handler::new(exports, index), cfg.psk, cfg.workers, stop)
 }
 
-/// The exports and hash index of `cfg`, ready to answer requests over any datagram path.
+/// The exports and hash index of `cfg`, ready to answer requests over any datagram path
+/// (`serve_io`; the AF_XDP server builds its path itself).
 pub fn handler(cfg: &ServeConfig) -> io::Result<Handler> {
     let exports = Exports::new(cfg.exports.clone()).map_err(io::Error::other)?;
     let index = HashIndex::open(&cfg.state_dir)
@@ -188,13 +191,14 @@ pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], worker
         })?);
     }
     let mut proto = Server::new(psk, rand::random());
+    let mut bufs = RecvBufs::default();
     let mut dropped = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if !io.wait_readable(Duration::from_millis(200))? {
             continue;
         }
         let now = Instant::now();
-        let r = io.recv_now(&mut |from, d| match proto.handle(now, d) {
+        let r = io.recv_now(&mut bufs, &mut |from, d| match proto.handle(now, d) {
             Some(Input::Reply(r)) => {
                 let _ = io.send_burst(from, &r, r.len());
             }

@@ -22,7 +22,7 @@ use crate::sys::net;
 pub mod packet;
 pub mod udp;
 pub mod xdp;
-pub use udp::UdpIo;
+pub use udp::{RecvBufs, UdpIo};
 
 /// A datagram path: what the client and server loops need, whatever carries the bytes.
 pub trait DatagramIo: Send + Sync {
@@ -30,9 +30,9 @@ pub trait DatagramIo: Send + Sync {
     fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()>;
     /// Wait up to `timeout` until datagrams may be read.
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
-    /// Hand every datagram queued now to `f`, without blocking. Receive buffers belong to the
-    /// implementation (UDP: recvmmsg buffers; AF_XDP: the UMEM frames themselves).
-    fn recv_now(&self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+    /// Hand every datagram queued now to `f`, without blocking. `bufs` are the UDP path's
+    /// receive buffers, one set per receiving thread; AF_XDP receives into its UMEM and ignores them.
+    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
 }
 
 /// Largest datagram for the path to `peer` without IP fragmentation.
@@ -219,6 +219,7 @@ fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
 }
 
 fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr) {
+    let mut bufs = RecvBufs::default();
     loop {
         if Arc::strong_count(&shared) == 1 {
             return; // the transport was dropped
@@ -234,7 +235,7 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
         let now = Instant::now();
         if readable {
             let client = &mut s.client;
-            let r = io.recv_now(&mut |from, d| {
+            let r = io.recv_now(&mut bufs, &mut |from, d| {
                 if from.ip().to_canonical() == peer.ip().to_canonical() && from.port() == peer.port() {
                     client.handle_datagram(now, d);
                 }

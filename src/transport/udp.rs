@@ -5,7 +5,6 @@
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
@@ -21,8 +20,6 @@ const SOCKET_BUFFER: usize = 32 << 20;
 pub struct UdpIo {
     sock: UdpSocket,
     state: UdpSocketState,
-    /// Only the one receiving thread locks it.
-    bufs: Mutex<RecvBufs>,
 }
 
 impl UdpIo {
@@ -31,7 +28,7 @@ impl UdpIo {
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let _ = net::set_recv_buffer(sock.as_fd(), SOCKET_BUFFER);
         let _ = net::set_send_buffer(sock.as_fd(), SOCKET_BUFFER);
-        Ok(UdpIo { sock, state, bufs: Mutex::new(RecvBufs::default()) })
+        Ok(UdpIo { sock, state })
     }
 
     pub fn socket(&self) -> &UdpSocket {
@@ -94,7 +91,7 @@ impl UdpIo {
     }
 }
 
-struct RecvBufs {
+pub struct RecvBufs {
     bufs: Vec<Box<[u8]>>,
     meta: Vec<RecvMeta>,
 }
@@ -115,8 +112,7 @@ impl DatagramIo for UdpIo {
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         net::poll_readable(self.sock.as_fd(), timeout)
     }
-    fn recv_now(&self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
-        let mut bufs = self.bufs.lock().unwrap();
-        self.recv_now_impl(&mut bufs, f)
+    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+        self.recv_now_impl(bufs, f)
     }
 }

@@ -24,6 +24,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/xdp_lib.sh"
 E2E_SUMMARY=1
 MIB=${WRAITH_XDP_MIB:-64}
 PORT=7447
+# Two queues per veth end, so that every AF_XDP process binds (and is tested with) two sockets.
+XDP_QUEUES=2
 
 [ "$(id -u)" -eq 0 ] || die "prerequisites" "must run as root (namespaces, XDP, FUSE)"
 for t in ip nsenter findmnt umount timeout cmp b3sum python3 curl ss; do
@@ -60,10 +62,18 @@ start_server_mode() {
     serve "$name" "$NS_A" "$S_ADDR" "$PORT" --key "$KEY" --state-dir "$WORK/state/s" \
         --export "tree=$SRC" "${extra[@]}" "$@" || return 1
     if [ "$mode" = xdp ]; then
+        # The port is reserved before the program and sockets are up: wait for the start-up line.
+        local i
+        for ((i = 0; i < 100; i++)); do
+            grep -q "AF_XDP on $S_IF" "$WORK/logs/serve-$name.log" && break
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
         if xdp_attached "$NS_A" "$S_IF" && grep -q "AF_XDP on $S_IF" "$WORK/logs/serve-$name.log"; then
             ok "$name: server runs AF_XDP on $S_IF ($(grep -o '[0-9]* queue(s), [a-z]* mode, [a-z-]*' "$WORK/logs/serve-$name.log" | tail -1))"
         else
             not_ok "$name: server runs AF_XDP on $S_IF" "$(last_line "$WORK/logs/serve-$name.log")"
+            stop_pid "$SERVER_PID" 10
             return 1
         fi
     fi
@@ -116,7 +126,7 @@ tcp_check() {
 # --- setup --------------------------------------------------------------------------------------
 
 xdp_setup || die "netns" "ip netns/veth setup failed"
-ok "netns: $NS_A ($S_ADDR) and $NS_B ($C_ADDR) joined by veth"
+ok "netns: $NS_A ($S_ADDR) and $NS_B ($C_ADDR) joined by veth ($XDP_QUEUES queues)"
 make_key "$KEY"
 mkdir -p "$SRC/small"
 head -c $((MIB * 1048576)) /dev/urandom >"$SRC/big.bin" || die "setup" "cannot write the big file"
@@ -171,7 +181,8 @@ fi
 
 # --- generic mode, fallback and refusal ---------------------------------------------------------
 
-start_server_mode "generic" xdp --xdp-mode generic || true
+start_server_mode "generic" xdp --xdp-mode generic --xdp-queues 0,1 || true
+check "generic: --xdp-queues 0,1 binds two sockets" grep -q "AF_XDP on $S_IF (2 queue(s), generic mode" "$WORK/logs/serve-generic.log"
 if ip -n "$NS_A" link show "$S_IF" | grep -q xdpgeneric; then ok "generic: server program in skb mode"; else not_ok "generic: server program in skb mode" "not xdpgeneric"; fi
 if mount_ok "generic" "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/generic" "keyfile=$KEY,transport=xdp,xdp_mode=generic"; then
     read_check "generic" "$WORK/cli/generic"

@@ -6,7 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::transport::DatagramIo;
+use crate::transport::{DatagramIo, RecvBufs};
 
 /// Datagrams per `send_burst`, as a wraith response burst would be.
 const BURST: usize = 64;
@@ -51,6 +51,7 @@ pub fn receive(io: &dyn DatagramIo, idle: Duration, limit: Duration) -> io::Resu
     let begin = Instant::now();
     let (mut first, mut last) = (None::<Instant>, Instant::now());
     let mut r = BlastReport::default();
+    let mut bufs = RecvBufs::default();
     while begin.elapsed() < limit {
         if !io.wait_readable(Duration::from_millis(100))? {
             if first.is_some() && last.elapsed() >= idle {
@@ -59,7 +60,7 @@ pub fn receive(io: &dyn DatagramIo, idle: Duration, limit: Duration) -> io::Resu
             continue;
         }
         let (mut n, mut b) = (0u64, 0u64);
-        io.recv_now(&mut |_, d| {
+        io.recv_now(&mut bufs, &mut |_, d| {
             n += 1;
             b += d.len() as u64;
         })?;

@@ -18,12 +18,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::packet::{self, Endpoints, Mac};
-use super::DatagramIo;
+use super::{DatagramIo, RecvBufs};
 use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::netdev::{self, NetDev};
 use crate::sys::xdp_prog::{AttachError, XdpProgram};
@@ -99,6 +100,8 @@ struct Neighbours {
 /// An AF_XDP datagram path on one interface and UDP port.
 pub struct XdpIo {
     queues: Vec<Queue>,
+    /// Duplicates of the sockets' fds, for poll(2) without taking the receive locks.
+    poll_fds: Vec<OwnedFd>,
     dev: NetDev,
     local: SocketAddrV4,
     zero_copy: bool,
@@ -207,6 +210,7 @@ impl XdpIo {
         }
         let ids: Vec<u32> = opts.queues.clone().unwrap_or_else(|| (0..dev.rx_queues).collect());
         let mut queues = Vec::new();
+        let mut poll_fds = Vec::new();
         let mut zero_copy = true;
         for &q in &ids {
             let cfg = XskConfig { queue: q, rx_frames: RX_FRAMES, tx_frames: TX_FRAMES, mode };
@@ -219,6 +223,7 @@ impl XdpIo {
             })?;
             prog.register_socket(q, s.rx.fd()).map_err(|e| err(format!("cannot register the AF_XDP socket: {e}")))?;
             zero_copy &= s.zero_copy;
+            poll_fds.push(s.rx.fd().try_clone_to_owned().map_err(|e| err(format!("dup: {e}")))?);
             queues.push(Queue {
                 rx: Mutex::new(Receiver::new(s.rx, s.rx_frames)),
                 tx: Mutex::new(Sender::new(s.tx, s.tx_frames)),
@@ -229,6 +234,7 @@ impl XdpIo {
         }
         Ok(XdpIo {
             queues,
+            poll_fds,
             dev,
             local: SocketAddrV4::new(ip, port),
             zero_copy,
@@ -397,7 +403,8 @@ impl XdpIo {
         let mut ignored = 0u64;
         let mut last_src: Option<(Ipv4Addr, Mac)> = None;
         for q in &self.queues {
-            let mut rx = q.rx.lock().unwrap();
+            // Another receiving thread holds this queue: it drains it, skip.
+            let Ok(mut rx) = q.rx.try_lock() else { continue };
             for _ in 0..16 {
                 let got = rx.poll(RX_BATCH, |frame| match packet::parse(frame) {
                     Ok(d) if d.dst.port() == self.local.port() && d.dst.ip() == IpAddr::V4(*self.local.ip()) => {
@@ -430,12 +437,13 @@ impl DatagramIo for XdpIo {
         self.send_impl(dest, buf, seg)
     }
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        // poll(2) on an AF_XDP socket is also the fill ring's wake-up.
-        let guards: Vec<_> = self.queues.iter().map(|q| q.rx.lock().unwrap()).collect();
-        let fds: Vec<_> = guards.iter().map(|g| g.ring().fd()).collect();
+        // poll(2) on an AF_XDP socket is also the fill ring's wake-up. The fds are duplicates,
+        // so waiting takes no lock and another thread can receive meanwhile.
+        let fds: Vec<_> = self.poll_fds.iter().map(|f| f.as_fd()).collect();
         netdev::poll_any_readable(&fds, timeout)
     }
-    fn recv_now(&self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    /// `_bufs` is unused: frames are received in the UMEM and handed to `f` from there.
+    fn recv_now(&self, _bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
         self.recv_impl(f)
     }
 }
