@@ -28,7 +28,7 @@ PORT=7447
 XDP_QUEUES=2
 
 [ "$(id -u)" -eq 0 ] || die "prerequisites" "must run as root (namespaces, XDP, FUSE)"
-for t in ip nsenter findmnt umount timeout cmp b3sum python3 curl ss; do
+for t in ip nsenter findmnt umount timeout cmp b3sum python3 ss; do
     command -v "$t" >/dev/null 2>&1 || die "prerequisites" "missing tool: $t"
 done
 [ -c /dev/fuse ] || die "prerequisites" "/dev/fuse is missing"
@@ -116,7 +116,9 @@ tcp_check() {
     PIDS+=("$HTTP_PID")
     local i got=
     for ((i = 0; i < 50; i++)); do
-        got=$(nsenter --net="/run/netns/$NS_B" timeout 5 curl -sf "http://$S_ADDR:8080/f0" 2>/dev/null | b3sum --no-names) && break
+        got=$(nsenter --net="/run/netns/$NS_B" timeout 5 python3 -c \
+            'import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout=4).read())' \
+            "http://$S_ADDR:8080/f0" 2>/dev/null | b3sum --no-names) && break
         sleep 0.1
     done
     check_eq "$name: TCP (HTTP over the same veth) works while wraith runs AF_XDP" "$(b3sum --no-names "$SRC/small/f0")" "$got"
