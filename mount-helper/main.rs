@@ -65,8 +65,6 @@ Accepted and dropped (they belong to mount(8) or systemd):
   rw is what mount(8) adds by default; the mount is read-only all the same.
 
 Refused: suid and dev (a wraith mount is always nosuid,nodev), remount.
-Not implemented yet (refused; dropped with a warning under -s):
-  transport= (AF_XDP)
 
 Escapes in OPTIONS: \\, is a comma, \\\\ a backslash, \\NNN an octal byte
 (\\040 is a space), and a double-quoted part may hold commas: fsname=\"a,b\".
@@ -426,7 +424,6 @@ enum Class {
     /// Cannot be honoured; the mount fails with this message.
     Refuse(&'static str),
     /// Planned for wraith but not implemented; refused (dropped with a warning under `-s`).
-    NotYet(&'static str),
     Unknown,
 }
 
@@ -444,6 +441,9 @@ fn classify(name: &str) -> Class {
         "cache_dir" => Class::Valued("cache_dir=DIR"),
         "cache_size" => Class::Valued("cache_size=SIZE"),
         "cache_io" => Class::Valued("cache_io=uring|pread"),
+        "transport" => Class::Valued("transport=udp|xdp|auto"),
+        "iface" => Class::Valued("iface=IFACE"),
+        "xdp_mode" => Class::Valued("xdp_mode=auto|native|generic"),
         "hard" | "soft" | "allow_other" | "default_permissions" | "ro" | "noexec" | "passthrough"
         | "nopassthrough" => Class::Flag,
 
@@ -461,7 +461,6 @@ fn classify(name: &str) -> Class {
         "remount" => {
             Class::Refuse("remount is not supported: umount the directory and mount it again")
         }
-        "transport" => Class::NotYet("transport= (AF_XDP) is not implemented yet"),
         _ => Class::Unknown,
     }
 }
@@ -502,14 +501,6 @@ fn plan(opts: Vec<MountOpt>, sloppy: bool) -> Result<Plan, OptError> {
                 .dropped
                 .push(format!("'{name}' (handled by mount/systemd)")),
             Class::Refuse(msg) => return Err(OptError::Refused(msg.to_string())),
-            Class::NotYet(why) if sloppy => {
-                plan.warnings.push(format!("ignoring '{name}' (-s): {why}"));
-            }
-            Class::NotYet(why) => {
-                return Err(OptError::Refused(format!(
-                    "option '{name}': {why}; remove it"
-                )))
-            }
             Class::Unknown if sloppy => plan.dropped.push(format!("unknown '{name}' (-s)")),
             Class::Unknown => return Err(OptError::Unknown(name)),
         }
@@ -727,28 +718,26 @@ mod tests {
     }
 
     #[test]
-    fn sloppy_ignores_unknown_and_not_yet_options() {
+    fn sloppy_ignores_unknown_options() {
         assert_eq!(rebuilt("frobnicate=3,hard,vers=4", true).unwrap(), "hard");
         let p = plan(parse("transport=xdp,keyfile=/k"), true).unwrap();
         assert_eq!(
             String::from_utf8(join_options(&p.forward)).unwrap(),
-            "keyfile=/k"
+            "transport=xdp,keyfile=/k"
         );
-        assert_eq!(p.warnings.len(), 1);
         // Sloppy does not turn a refusal into acceptance.
         assert!(matches!(rebuilt("suid", true), Err(OptError::Refused(_))));
     }
 
     #[test]
-    fn not_yet_options_are_refused_with_reason() {
+    fn cache_and_transport_options_are_passed_on() {
         assert_eq!(
             rebuilt("keyfile=/k,cache_size=20G,cache_dir=/var/cache/x,noexec", false).unwrap(),
             "keyfile=/k,cache_size=20G,cache_dir=/var/cache/x,noexec"
         );
-        let e = rebuilt("transport=xdp", false).unwrap_err().to_string();
-        assert!(
-            e.contains("transport") && e.contains("not implemented"),
-            "{e}"
+        assert_eq!(
+            rebuilt("transport=xdp,iface=eth1,xdp_mode=generic", false).unwrap(),
+            "transport=xdp,iface=eth1,xdp_mode=generic"
         );
     }
 

@@ -18,6 +18,7 @@ use wraith::error::Error;
 use wraith::fs::{Fs, FsConfig};
 use wraith::fuse::WraithFuse;
 use wraith::sys::process::{self, Forked};
+use wraith::transport::xdp::{XdpIo, XdpMode, XdpOptions};
 use wraith::transport::ClientTransport;
 
 #[derive(Parser)]
@@ -28,6 +29,9 @@ use wraith::transport::ClientTransport;
     after_help = "Options for -o (comma-separated, '\\,' escapes a comma):\n  \
         keyfile=FILE       pre-shared key (default /etc/wraith/wraith.key)\n  \
         port=N             server UDP port (default 7447)\n  \
+        transport=T        udp (default), xdp (AF_XDP, or fail) or auto (AF_XDP, else UDP)\n  \
+        iface=IFACE        interface for AF_XDP (default: the one the route to the server uses)\n  \
+        xdp_mode=M         auto (default), native or generic XDP\n  \
         attr_timeout=SECS  attribute/entry cache time (default 1)\n  \
         timeout=SECS       per-request deadline, then EIO (default 30)\n  \
         hard | soft        hard: retry forever, Ctrl-C interrupts (default soft)\n  \
@@ -90,7 +94,16 @@ impl Args {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Xdp,
+    Auto,
+}
+
 struct Opts {
+    transport: Transport,
+    xdp: XdpOptions,
     keyfile: PathBuf,
     port: u16,
     fs: FsConfig,
@@ -106,6 +119,8 @@ struct Opts {
 
 fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
     let mut o = Opts {
+        transport: Transport::Udp,
+        xdp: XdpOptions::default(),
         keyfile: PathBuf::from("/etc/wraith/wraith.key"),
         port: cli::DEFAULT_PORT,
         fs: FsConfig {
@@ -158,6 +173,23 @@ fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
         };
         match k {
             "keyfile" => o.keyfile = PathBuf::from(need(v)?),
+            "transport" => {
+                o.transport = match need(v)?.as_str() {
+                    "udp" => Transport::Udp,
+                    "xdp" => Transport::Xdp,
+                    "auto" => Transport::Auto,
+                    t => return Err(format!("transport={t}: expected udp, xdp or auto")),
+                }
+            }
+            "iface" => o.xdp.iface = need(v)?,
+            "xdp_mode" => {
+                o.xdp.mode = match need(v)?.as_str() {
+                    "auto" => None,
+                    "native" => Some(XdpMode::Native),
+                    "generic" => Some(XdpMode::Generic),
+                    m => return Err(format!("xdp_mode={m}: expected auto, native or generic")),
+                }
+            }
             "port" => o.port = num(v)?.try_into().map_err(|_| "port must be 1..65535".to_string())?,
             "attr_timeout" => o.fs.attr_timeout = cli::parse_secs(&need(v)?)?,
             "timeout" => {
@@ -245,7 +277,25 @@ fn setup(args: &Args) -> Result<(Arc<Fs>, Opts), String> {
     check_mountpoint(&mountpoint)?;
     let addr = spec.resolve(o.port)?;
     let psk = cli::load_key(&o.keyfile)?;
-    let net = ClientTransport::connect(addr, psk).map_err(|e| format!("cannot open a UDP socket to {addr}: {e}"))?;
+    let udp = || ClientTransport::connect(addr, psk).map_err(|e| format!("cannot open a UDP socket to {addr}: {e}"));
+    let net = match o.transport {
+        Transport::Udp => udp()?,
+        Transport::Xdp | Transport::Auto => match XdpIo::open_client(&o.xdp, addr) {
+            Ok(io) => {
+                tracing::info!(what = %io.describe(), "AF_XDP path");
+                if args.verbose > 0 || args.foreground {
+                    eprintln!("wraith-mount: {}", io.describe());
+                }
+                let max = io.max_datagram();
+                ClientTransport::with_io(Arc::new(io), addr, psk, max).map_err(|e| format!("cannot start the AF_XDP transport: {e}"))?
+            }
+            Err(e) if o.transport == Transport::Auto => {
+                eprintln!("wraith-mount: AF_XDP unavailable ({e}); using UDP");
+                udp()?
+            }
+            Err(e) => return Err(format!("AF_XDP unavailable: {e}")),
+        },
+    };
     // The first contact gets a shorter deadline: a wrong host should not keep mount(8) waiting.
     let mut attach_cfg = o.fs.clone();
     attach_cfg.timeout = o.fs.timeout.min(Duration::from_secs(15));

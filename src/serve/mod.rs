@@ -198,6 +198,15 @@ pub fn run(cfg: ServeConfig, stop: Arc<AtomicBool>) -> io::Result<()> {
     serve_socket(sock, Handler::new(exports, index), cfg.psk, cfg.workers, stop)
 }
 
+/// The exports and hash index of `cfg`, ready to answer requests over any datagram path
+/// (`serve_io`; the AF_XDP server builds its path itself).
+pub fn handler(cfg: &ServeConfig) -> io::Result<Handler> {
+    let exports = Exports::new(cfg.exports.clone()).map_err(io::Error::other)?;
+    let index = HashIndex::open(&cfg.state_dir)
+        .map_err(|e| io::Error::other(format!("state directory {}: {e}", cfg.state_dir.display())))?;
+    Ok(Handler::new(exports, index))
+}
+
 pub fn serve_socket(sock: UdpSocket, handler: Handler, psk: [u8; 32], workers: usize, stop: Arc<AtomicBool>) -> io::Result<()> {
     serve_io(Arc::new(UdpIo::new(sock)?), handler, psk, workers, stop)
 }

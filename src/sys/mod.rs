@@ -8,5 +8,8 @@ pub mod disk;
 pub mod fs;
 pub mod mount;
 pub mod net;
+pub mod netdev;
 pub mod process;
 pub mod uring;
+pub mod xdp_prog;
+pub mod xsk;

@@ -1,7 +1,8 @@
 //! Datagram I/O and the threads that drive the sans-IO protocol with the real clock.
 //!
 //! [`DatagramIo`] is what the protocol drivers need from a network path; `udp` implements it with
-//! kernel UDP sockets (GSO/GRO/recvmmsg via quinn-udp).
+//! kernel UDP sockets (GSO/GRO/recvmmsg via quinn-udp), `xdp` with AF_XDP sockets and raw
+//! Ethernet frames built by `packet`.
 
 use std::collections::HashMap;
 use std::io;
@@ -18,7 +19,9 @@ use crate::proto::msg::{Request, Response};
 use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::net;
 
+pub mod packet;
 pub mod udp;
+pub mod xdp;
 pub use udp::{RecvBufs, UdpIo};
 
 /// A datagram path: what the client and server loops need, whatever carries the bytes.
@@ -27,7 +30,8 @@ pub trait DatagramIo: Send + Sync {
     fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()>;
     /// Wait up to `timeout` until datagrams may be read.
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
-    /// Hand every datagram queued now to `f`, without blocking.
+    /// Hand every datagram queued now to `f`, without blocking. `bufs` are the UDP path's
+    /// receive buffers, one set per receiving thread; AF_XDP receives into its UMEM and ignores them.
     fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
 }
 

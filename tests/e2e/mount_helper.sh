@@ -268,7 +268,7 @@ run mount -t wraith -o "keyfile=$KEYFILE,frobnicate=3" "$SERVER_SPEC" "$T/opt"
 expect_refused "$T/opt" "'frobnicate'" "unknown option"
 
 run mount -t wraith -o "keyfile=$KEYFILE,transport=carrier-pigeon" "$SERVER_SPEC" "$T/opt"
-expect_refused "$T/opt" 'transport' "not-yet option transport"
+expect_refused "$T/opt" 'transport' "bad value transport=carrier-pigeon"
 
 # mount(8) never passes suid, dev or exec on (they are its defaults), so ask the helper directly.
 run "$HELPER" "$SERVER_SPEC" "$T/opt" -o "keyfile=$KEYFILE,suid"

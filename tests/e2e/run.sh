@@ -26,7 +26,7 @@ E2E_SUMMARY=1
 BIG_MIB=${WRAITH_E2E_BIG_MIB:-1024}
 SMALL=${WRAITH_E2E_SMALL:-10000}
 SEED=${WRAITH_E2E_SEED:-1}
-ALL_SUITES=(loopback chunk64 change errors ipv6 netns restart gone mount_helper cache)
+ALL_SUITES=(loopback chunk64 change errors ipv6 netns restart gone mount_helper cache xdp)
 CHUNK=262144
 
 SRC=        # the generated tree, exported as "tree" (and "tree64" with 64 KiB chunks)
@@ -573,6 +573,11 @@ suite_mount_helper() {
     ensure_lo_server || return
     WRAITH_BIN=$WRAITH_BIN SERVER_SPEC="127.0.0.1:$LO_PORT:/tree" KEYFILE=$KEY SRC=$SRC \
         run_script mount_helper mount_helper.sh
+}
+
+# AF_XDP (issue 4): tests/e2e/xdp.sh makes its own namespaces (10.77.1.x), servers and mounts.
+suite_xdp() {
+    WRAITH_BIN=$WRAITH_BIN run_script xdp xdp.sh
 }
 
 # The disk cache (issue 3): tests/e2e/cache.sh makes its own server, tree and mounts.

@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# wraith over AF_XDP, end to end: the real binaries in two network namespaces joined by veth.
+#
+#   tests/e2e/xdp.sh            (as root)
+#
+# Checks: all four combinations (UDP/AF_XDP client x UDP/AF_XDP server) read files
+# byte-identical (cmp and b3sum); while wraith runs on AF_XDP, a TCP connection over the same
+# veth works (the XDP filter passes everything that is not wraith's port); after each process
+# exits (umount, SIGTERM, kill -9) no XDP program is left on the interface; a stale wraith
+# program attached without an owner is replaced; generic (skb) mode works; transport=auto
+# falls back to UDP and transport=xdp fails, each with one line, when AF_XDP cannot start.
+#
+# Environment: WRAITH_BIN (directory with wraith-serve and wraith-mount, default
+# target/release), WRAITH_XDP_MIB (size of the big file, default 64), WRAITH_E2E_KEEP=1.
+# Prints "ok - NAME" / "not ok - NAME: REASON", then "N passed, N failed"; exits non-zero on
+# failure. Addresses: 10.77.1.1 (server) and 10.77.1.2 (client), on the veth pair only.
+
+set -uo pipefail
+# shellcheck source=tests/e2e/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=tests/e2e/xdp_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/xdp_lib.sh"
+
+E2E_SUMMARY=1
+MIB=${WRAITH_XDP_MIB:-64}
+PORT=7447
+# Two queues per veth end, so that every AF_XDP process binds (and is tested with) two sockets.
+XDP_QUEUES=2
+
+[ "$(id -u)" -eq 0 ] || die "prerequisites" "must run as root (namespaces, XDP, FUSE)"
+for t in ip nsenter findmnt umount timeout cmp b3sum python3 ss; do
+    command -v "$t" >/dev/null 2>&1 || die "prerequisites" "missing tool: $t"
+done
+[ -c /dev/fuse ] || die "prerequisites" "/dev/fuse is missing"
+require_bins
+setup_work wraith-xdp
+
+SRC=$WORK/srv/tree
+KEY=$WORK/keys/xdp.key
+SERVER_PID=
+HTTP_PID=
+
+# xdp_attached NS IF: true when an XDP program is attached to IF.
+xdp_attached() { ip -n "$1" link show "$2" 2>/dev/null | grep -q 'prog/xdp'; }
+
+# no_xdp_left NAME NS IF: checks, waiting up to 5 s, that IF has no XDP program.
+no_xdp_left() {
+    local i
+    for ((i = 0; i < 50; i++)); do
+        xdp_attached "$2" "$3" || { ok "$1: no XDP program left on $3"; return 0; }
+        sleep 0.1
+    done
+    not_ok "$1: no XDP program left on $3" "$(ip -n "$2" link show "$3" | grep prog/xdp)"
+}
+
+# start_server_mode NAME MODE [ARGS...]: MODE udp or xdp. Sets SERVER_PID.
+start_server_mode() {
+    local name=$1 mode=$2
+    shift 2
+    local extra=()
+    [ "$mode" = xdp ] && extra=(--xdp "$S_IF")
+    serve "$name" "$NS_A" "$S_ADDR" "$PORT" --key "$KEY" --state-dir "$WORK/state/s" \
+        --export "tree=$SRC" "${extra[@]}" "$@" || return 1
+    if [ "$mode" = xdp ]; then
+        # The port is reserved before the program and sockets are up: wait for the start-up line.
+        local i
+        for ((i = 0; i < 100; i++)); do
+            grep -q "AF_XDP on $S_IF" "$WORK/logs/serve-$name.log" && break
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        if xdp_attached "$NS_A" "$S_IF" && grep -q "AF_XDP on $S_IF" "$WORK/logs/serve-$name.log"; then
+            ok "$name: server runs AF_XDP on $S_IF ($(grep -o '[0-9]* queue(s), [a-z]* mode, [a-z-]*' "$WORK/logs/serve-$name.log" | tail -1))"
+        else
+            not_ok "$name: server runs AF_XDP on $S_IF" "$(last_line "$WORK/logs/serve-$name.log")"
+            stop_pid "$SERVER_PID" 10
+            return 1
+        fi
+    fi
+}
+
+# read_check NAME MNT: the big file and the small ones, byte for byte and by BLAKE3.
+read_check() {
+    local name=$1 mnt=$2 f
+    check "$name: cmp big.bin" timeout 300 cmp "$SRC/big.bin" "$mnt/big.bin"
+    local want got
+    want=$(b3sum --no-names "$SRC/big.bin")
+    got=$(timeout 300 b3sum --no-names "$mnt/big.bin" 2>&1)
+    check_eq "$name: b3sum big.bin" "$want" "$got"
+    local bad=0
+    for f in "$SRC"/small/*; do
+        timeout 30 cmp -s "$f" "$mnt/small/${f##*/}" || bad=$((bad + 1))
+    done
+    check_eq "$name: cmp of every small file" 0 "$bad"
+}
+
+# combo SERVER_MODE CLIENT_MODE
+combo() {
+    local smode=$1 cmode=$2 name="$1 server, $2 client" mnt=$WORK/cli/$1-$2
+    if ! mount_ok "$name" "$NS_B" "$S_ADDR:$PORT:/tree" "$mnt" "keyfile=$KEY,transport=$cmode,iface=$C_IF"; then
+        return 1
+    fi
+    if [ "$cmode" = xdp ]; then
+        if xdp_attached "$NS_B" "$C_IF"; then ok "$name: client runs AF_XDP on $C_IF"; else not_ok "$name: client runs AF_XDP on $C_IF" "no XDP program on $C_IF"; fi
+    fi
+    read_check "$name" "$mnt"
+    umount_ok "$name" "$mnt"
+    no_xdp_left "$name: after umount" "$NS_B" "$C_IF"
+}
+
+tcp_check() {
+    local name=$1
+    ip netns exec "$NS_A" timeout 60 python3 -m http.server 8080 --bind "$S_ADDR" --directory "$SRC/small" \
+        >"$WORK/logs/http.log" 2>&1 </dev/null &
+    HTTP_PID=$!
+    PIDS+=("$HTTP_PID")
+    local i got=
+    for ((i = 0; i < 50; i++)); do
+        got=$(nsenter --net="/run/netns/$NS_B" timeout 5 python3 -c \
+            'import sys, urllib.request; sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout=4).read())' \
+            "http://$S_ADDR:8080/f0" 2>/dev/null | b3sum --no-names) && break
+        sleep 0.1
+    done
+    check_eq "$name: TCP (HTTP over the same veth) works while wraith runs AF_XDP" "$(b3sum --no-names "$SRC/small/f0")" "$got"
+    stop_pid "$HTTP_PID" 2
+}
+
+# --- setup --------------------------------------------------------------------------------------
+
+xdp_setup || die "netns" "ip netns/veth setup failed"
+ok "netns: $NS_A ($S_ADDR) and $NS_B ($C_ADDR) joined by veth ($XDP_QUEUES queues)"
+make_key "$KEY"
+mkdir -p "$SRC/small"
+head -c $((MIB * 1048576)) /dev/urandom >"$SRC/big.bin" || die "setup" "cannot write the big file"
+for i in $(seq 0 19); do head -c $((RANDOM * 7 + i)) /dev/urandom >"$SRC/small/f$i"; done
+
+# --- the four combinations ----------------------------------------------------------------------
+
+for smode in udp xdp; do
+    start_server_mode "$smode-server" "$smode" || continue
+    pid=$SERVER_PID
+    for cmode in udp xdp; do
+        combo "$smode" "$cmode"
+    done
+    [ "$smode" = xdp ] && tcp_check "xdp server"
+    stop_pid "$pid" 10
+    [ "$smode" = xdp ] && no_xdp_left "xdp server: after SIGTERM" "$NS_A" "$S_IF"
+done
+
+# A TCP connection while the *client* side runs AF_XDP too.
+start_server_mode "both-xdp" xdp || true
+if mount_ok "both xdp, TCP" "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/tcp" "keyfile=$KEY,transport=xdp"; then
+    tcp_check "xdp server and client"
+    check "both xdp: read while HTTP ran" timeout 60 cmp "$SRC/small/f1" "$WORK/cli/tcp/small/f1"
+    umount_ok "both xdp, TCP" "$WORK/cli/tcp"
+fi
+
+# --- crash and stale programs -------------------------------------------------------------------
+
+kill -KILL "$SERVER_PID" 2>/dev/null
+wait "$SERVER_PID" 2>/dev/null
+no_xdp_left "xdp server: after kill -9 (the BPF link dies with the process)" "$NS_A" "$S_IF"
+
+OBJ=$WORK/stale.o
+if command -v clang >/dev/null && clang -O2 -g -target bpf -c "$REPO_ROOT/bpf/wraith_xdp.c" -o "$OBJ" 2>"$WORK/logs/clang.log" &&
+    ip -n "$NS_A" link set dev "$S_IF" xdpdrv obj "$OBJ" sec xdp 2>"$WORK/logs/iplink.log"; then
+    ok "stale: a wraith XDP program attached without an owner (ip link ... xdp obj)"
+    start_server_mode "stale" xdp || true
+    if grep -q "replaced a stale wraith XDP program" "$WORK/logs/serve-stale.log"; then
+        ok "stale: the server detects and replaces it"
+    else
+        not_ok "stale: the server detects and replaces it" "$(last_line "$WORK/logs/serve-stale.log")"
+    fi
+    if mount_ok "stale" "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/stale" "keyfile=$KEY"; then
+        check "stale: read after replacing" timeout 60 cmp "$SRC/small/f2" "$WORK/cli/stale/small/f2"
+        umount_ok "stale" "$WORK/cli/stale"
+    fi
+    stop_pid "$SERVER_PID" 10
+    no_xdp_left "stale: after SIGTERM" "$NS_A" "$S_IF"
+else
+    not_ok "stale: attach a wraith program by hand" "$(cat "$WORK/logs/clang.log" "$WORK/logs/iplink.log" | tail -1)"
+fi
+
+# --- generic mode, fallback and refusal ---------------------------------------------------------
+
+start_server_mode "generic" xdp --xdp-mode generic --xdp-queues 0,1 || true
+check "generic: --xdp-queues 0,1 binds two sockets" grep -q "AF_XDP on $S_IF (2 queue(s), generic mode" "$WORK/logs/serve-generic.log"
+if ip -n "$NS_A" link show "$S_IF" | grep -q xdpgeneric; then ok "generic: server program in skb mode"; else not_ok "generic: server program in skb mode" "not xdpgeneric"; fi
+if mount_ok "generic" "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/generic" "keyfile=$KEY,transport=xdp,xdp_mode=generic"; then
+    read_check "generic" "$WORK/cli/generic"
+    umount_ok "generic" "$WORK/cli/generic"
+fi
+
+if mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/auto" "keyfile=$KEY,transport=auto,iface=nosuch0"; then
+    lines=$(grep -c 'AF_XDP unavailable' "$WORK/logs/mount.err")
+    check_eq "auto: falls back to UDP with one line naming the reason" 1 "$lines"
+    check "auto: read over the UDP fallback" timeout 60 cmp "$SRC/small/f3" "$WORK/cli/auto/small/f3"
+    umount_ok "auto" "$WORK/cli/auto"
+else
+    not_ok "auto: falls back to UDP" "$(last_line "$WORK/logs/mount.err")"
+fi
+mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/forced" "keyfile=$KEY,transport=xdp,iface=nosuch0"
+rc=$?
+if [ "$rc" -ne 0 ] && [ "$(wc -l <"$WORK/logs/mount.err")" -eq 1 ] && grep -q 'nosuch0 does not exist' "$WORK/logs/mount.err"; then
+    ok "xdp: exits non-zero with one line when AF_XDP cannot start ($(cat "$WORK/logs/mount.err"))"
+else
+    not_ok "xdp: exits non-zero with one line when AF_XDP cannot start" "exit $rc: $(cat "$WORK/logs/mount.err")"
+fi
+# A second AF_XDP server on the same interface is refused (the first one owns the program).
+check_fails "xdp: a second server on the same interface is refused" \
+    ip netns exec "$NS_A" timeout 20 "$WRAITH_BIN/wraith-serve" --listen "$S_ADDR:7448" --key "$KEY" \
+    --state-dir "$WORK/state/s2" --export "tree=$SRC" --xdp "$S_IF"
+stop_pid "$SERVER_PID" 10
+no_xdp_left "end" "$NS_A" "$S_IF"
+no_xdp_left "end" "$NS_B" "$C_IF"
