@@ -26,7 +26,7 @@ E2E_SUMMARY=1
 BIG_MIB=${WRAITH_E2E_BIG_MIB:-1024}
 SMALL=${WRAITH_E2E_SMALL:-10000}
 SEED=${WRAITH_E2E_SEED:-1}
-ALL_SUITES=(loopback chunk64 change errors ipv6 netns restart gone mount_helper cache xdp)
+ALL_SUITES=(loopback chunk64 change errors ipv6 netns restart gone hard mount_helper cache xdp)
 CHUNK=262144
 
 SRC=        # the generated tree, exported as "tree" (and "tree64" with 64 KiB chunks)
@@ -545,6 +545,53 @@ suite_gone() {
         not_ok "gone: the failure comes within ~10 s with timeout=3" "took $el s"
     fi
     umount_ok gone "$M"
+}
+
+# A hard mount keeps retrying while the server is gone, Ctrl-C (SIGINT) interrupts the waiting
+# reader, and the mount works again by itself once the server is back on the same port.
+suite_hard() {
+    local M=$WORK/cli/hard port pid rpid i t0 el rc f="chunk/size-$((2 * CHUNK + 7))"
+    port=$(free_udp_port)
+    serve hard "" 127.0.0.1 "$port" --key "$KEY" --state-dir "$WORK/state/hard" --export "tree=$SRC" || return
+    pid=$SERVER_PID
+    if ! mount_ok hard "" "127.0.0.1:$port:/tree" "$M" "keyfile=$KEY,hard,timeout=2,attr_timeout=1,cache_size=0"; then
+        stop_pid "$pid" 5
+        return
+    fi
+    check "hard: read while the server runs" timeout 30 cmp "$SRC/chunk/size-1" "$M/chunk/size-1"
+    stop_pid "$pid" 5
+    # A reader of an uncached file waits instead of failing... (bash starts background jobs with
+    # SIGINT ignored; restore the default as an interactive shell's Ctrl-C would find it.)
+    python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp("cat", ["cat", sys.argv[1]])' \
+        "$M/$f" >/dev/null 2>"$WORK/logs/hard-cat.out" &
+    rpid=$!
+    sleep 5
+    if kill -0 "$rpid" 2>/dev/null; then
+        ok "hard: a read keeps waiting past timeout=2 while the server is gone"
+    else
+        not_ok "hard: a read keeps waiting past timeout=2 while the server is gone" "cat ended: $(last_line "$WORK/logs/hard-cat.out")"
+    fi
+    # ...and Ctrl-C interrupts it.
+    t0=$(now)
+    kill -INT "$rpid" 2>/dev/null
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$rpid" 2>/dev/null || break
+        sleep 0.1
+    done
+    el=$(elapsed "$t0")
+    if kill -0 "$rpid" 2>/dev/null; then
+        not_ok "hard: SIGINT interrupts the waiting read" "still waiting 10 s after SIGINT"
+        kill -KILL "$rpid" 2>/dev/null
+    else
+        ok "hard: SIGINT interrupts the waiting read (${el} s)"
+    fi
+    wait "$rpid" 2>/dev/null
+    # The server comes back on the same port: the same mount serves again, with no remount.
+    serve hard2 "" 127.0.0.1 "$port" --key "$KEY" --state-dir "$WORK/state/hard" --export "tree=$SRC" || return
+    pid=$SERVER_PID
+    check "hard: after the server returns, the mount reads again (cmp)" timeout 60 cmp "$SRC/$f" "$M/$f"
+    umount_ok hard "$M"
+    stop_pid "$pid" 5
 }
 
 # run_script NAME SCRIPT [ARGS...]: run a suite that lives in its own script (with env set by
