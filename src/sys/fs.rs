@@ -469,3 +469,20 @@ mod tests {
         assert_eq!(fl & libc::O_NONBLOCK, 0);
     }
 }
+
+/// Read at `off` only what is already in the page cache (preadv2 with RWF_NOWAIT): a short count
+/// or EAGAIN means the rest would have to come from the disk.
+pub fn pread_cached(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    loop {
+        // SAFETY: `iov` describes `buf`, which is valid for writes of its length for the whole call.
+        let r = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, off as libc::off_t, libc::RWF_NOWAIT) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
