@@ -107,21 +107,20 @@ impl Handler {
         Ok(f)
     }
 
-    /// `len` bytes at `off`: from the page cache when they are all there, else straight from the
-    /// disk with O_DIRECT (when the offset is aligned), else buffered.
+    /// `len` bytes at `off`: buffered when they are all in the page cache (cachestat, which starts
+    /// no I/O), else straight from the disk with O_DIRECT (when aligned), else buffered.
     fn read_chunk(f: &OpenFile, len: usize, off: u64) -> Result<Vec<u8>, Error> {
         use std::os::fd::AsFd;
-        let mut buf = Vec::with_capacity(len + 1);
-        buf.resize(len, 0);
-        let mut done = 0;
-        while done < len {
-            match crate::sys::fs::pread_cached(f.buffered.as_fd(), &mut buf[done..], off + done as u64) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => done += n,
-            }
-        }
-        if done == len {
-            return Ok(buf);
+        let buffered = || -> Result<Vec<u8>, Error> {
+            let mut buf = Vec::with_capacity(len + 1);
+            buf.resize(len, 0);
+            read_exact_at(&f.buffered, &mut buf, off)?;
+            Ok(buf)
+        };
+        let pages = (len as u64).div_ceil(4096);
+        let cached = crate::sys::fs::cached_pages(f.buffered.as_fd(), off, len as u64).map_or(true, |n| n >= pages);
+        if cached {
+            return buffered();
         }
         if let Some(d) = f.direct.as_ref().filter(|_| off % DIRECT_ALIGN as u64 == 0) {
             let span = len.next_multiple_of(DIRECT_ALIGN);
@@ -143,8 +142,7 @@ impl Handler {
                 return Ok(raw);
             }
         }
-        read_exact_at(&f.buffered, &mut buf, off)?;
-        Ok(buf)
+        buffered()
     }
 
     fn share(&self, name: &str) -> Result<u32, Error> {
