@@ -590,7 +590,25 @@ suite_hard() {
     serve hard2 "" 127.0.0.1 "$port" --key "$KEY" --state-dir "$WORK/state/hard" --export "tree=$SRC" || return
     pid=$SERVER_PID
     check "hard: after the server returns, the mount reads again (cmp)" timeout 60 cmp "$SRC/$f" "$M/$f"
-    umount_ok hard "$M"
+    # SIGTERM to the mount daemon: it unmounts and exits by itself.
+    local dpids
+    dpids=$(pids_with_arg "$M")
+    if [ -z "$dpids" ]; then
+        not_ok "hard: SIGTERM to the mount daemon unmounts it" "no wraith-mount process for $M"
+        umount_ok hard "$M"
+    else
+        kill -TERM $dpids
+        for ((i = 0; i < 100; i++)); do
+            [ -z "$(pids_with_arg "$M")" ] && ! mountpoint -q "$M" && break
+            sleep 0.1
+        done
+        if [ -z "$(pids_with_arg "$M")" ] && ! mountpoint -q "$M"; then
+            ok "hard: SIGTERM to the mount daemon unmounts it and it exits"
+        else
+            not_ok "hard: SIGTERM to the mount daemon unmounts it" "after 10 s: pids '$(pids_with_arg "$M")', mounted: $(mountpoint -q "$M" && echo yes || echo no)"
+            umount -l "$M" 2>/dev/null
+        fi
+    fi
     stop_pid "$pid" 5
 }
 
