@@ -303,9 +303,13 @@ impl Fs {
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        self.inodes.lock().unwrap().forget(ino, n);
+        let gone = {
+            let mut t = self.inodes.lock().unwrap();
+            t.forget(ino, n);
+            t.get(ino).is_none()
+        };
         // Drop what we remembered about a forgotten file's content.
-        if self.inodes.lock().unwrap().get(ino).is_none() {
+        if gone {
             self.infos.lock().unwrap().remove(&ino);
         }
     }
@@ -577,10 +581,6 @@ impl Fs {
         } else {
             Err(Error::Denied)
         }
-    }
-
-    pub fn memory_cache_bytes(&self) -> u64 {
-        self.chunks.bytes()
     }
 }
 

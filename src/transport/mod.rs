@@ -177,11 +177,6 @@ impl ClientTransport {
         self.submit(req, expect, timeout).wait()
     }
 
-    /// True once the server has answered a HELLO with REJECT (the keys differ).
-    pub fn rejected(&self) -> bool {
-        self.shared.lock().unwrap().rejected
-    }
-
     pub fn stats(&self) -> TransportStats {
         let s = self.shared.lock().unwrap();
         let c = &s.client;
