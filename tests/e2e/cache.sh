@@ -264,7 +264,12 @@ if cmount crash "$MC" "cache_dir=$CRASH,cache_size=6M"; then
     [ -n "$first" ] && check "crash: a cached file reads byte-identical" timeout 60 cmp "$SRC/crash$first.bin" "$MC/crash$first.bin"
     check "crash: every file reads byte-identical after $TRIALS kill -9" bash -c "for i in 0 1 2 3 4 5; do timeout 60 cmp '$SRC/crash'\$i.bin '$MC/crash'\$i.bin || exit 1; done"
     check "crash: and again, from the cache" bash -c "for i in 5 4 3 2 1 0; do timeout 60 cmp '$SRC/crash'\$i.bin '$MC/crash'\$i.bin || exit 1; done"
-    expect "crash: served from the cache" gt "$(stat_of "$MC" chunks_from_cache)" 0
+    # A complete file in the cache is opened by passthrough (the kernel reads the cache file and
+    # the daemon counts the open, not chunks); a partial one is served chunk by chunk.
+    fromcache=$(stat_of "$MC" chunks_from_cache)
+    ptopens=$(stat_of "$MC" passthrough_opens)
+    served=$((${fromcache:-0} + ${ptopens:-0}))
+    expect "crash: served from the cache (chunks + passthrough opens: $served)" gt "$served" 0
     used=$(stat_of "$MC" cache_used_bytes)
     expect "crash: within cache_size ($used bytes)" [ "${used:-99999999}" -le $((6 << 20)) ]
     umount_ok crash "$MC"
