@@ -134,6 +134,7 @@ fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
             gid: None,
             max_prefetch: 32,
             passthrough: true,
+            meta_file: None,
         },
         allow_other: false,
         default_permissions: false,
@@ -300,7 +301,17 @@ fn setup(args: &Args) -> Result<(Arc<Fs>, Opts), String> {
     let mut attach_cfg = o.fs.clone();
     attach_cfg.timeout = o.fs.timeout.min(Duration::from_secs(15));
     let disk = open_cache(&o, remote, &addr);
+    // What this mount learns about names is kept beside the chunks, for a mount made offline.
+    attach_cfg.meta_file = disk.as_ref().map(|d| cache::meta::path_for(d.dir(), &format!("{addr}|{remote}")));
     let fs = Fs::attach_with_cache(attach_cfg, net, disk).map_err(|e| explain(&e, remote, &addr.to_string(), &o))?;
+    if fs.started_offline() {
+        let msg = format!(
+            "server {addr} did not answer within {:.0?}; mounted from the disk cache's last known state: \
+             fully cached files are readable, the rest fail until the server answers (it reconnects by itself)",
+            o.fs.timeout.min(Duration::from_secs(15))
+        );
+        tracing::warn!("{msg}");
+    }
     Ok((fs, o))
 }
 
@@ -446,10 +457,12 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
         if mounted.finished() {
             tracing::info!("unmounted; exiting");
             let _ = mounted.session.join();
+            fs.save_meta();
             return ExitCode::SUCCESS;
         }
         if stop.load(Ordering::Relaxed) {
             tracing::info!("signal received; unmounting");
+            fs.save_meta();
             return match mounted.unmount(args.mp()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -13,6 +13,7 @@
 
 pub mod index;
 pub mod layout;
+pub mod meta;
 pub mod store;
 mod writer;
 

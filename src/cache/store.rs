@@ -155,6 +155,11 @@ impl Store {
         self.shared.io.mode()
     }
 
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
     /// (SQEs submitted, io_uring_enter calls): how well submissions batch.
     pub fn io_stats(&self) -> (u64, u64) {
         let s = &self.shared.io.stats;

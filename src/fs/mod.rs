@@ -4,13 +4,15 @@
 
 pub mod flight;
 pub mod inodes;
+mod offline;
 mod read;
 
 pub use read::ReadData;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::cache::{Pin, Store};
@@ -18,9 +20,11 @@ use crate::chunk::{Geometry, VerifiedChunk};
 use crate::error::{Error, Result};
 use crate::proto::msg::{Request, Response};
 use crate::transport::ClientTransport;
+use crate::cache::meta;
 use crate::types::{Attr, FileInfo, FileKind, StatFs};
 use flight::ChunkLru;
 use inodes::{join, Inodes};
+use offline::Remembered;
 
 pub use inodes::ROOT;
 
@@ -71,7 +75,13 @@ pub struct FsConfig {
     pub max_prefetch: u64,
     /// Offer FUSE passthrough for complete, verified files in the disk cache.
     pub passthrough: bool,
+    /// Where what the mount knows about names is saved for a later offline mount
+    /// ([`crate::cache::meta`]); None: not saved.
+    pub meta_file: Option<PathBuf>,
 }
+
+/// How often what the mount knows about names is saved (when it changed), besides at unmount.
+const META_SAVE_EVERY: Duration = Duration::from_secs(30);
 
 /// Who is asking (for interrupting hard-mount retries).
 #[derive(Clone, Copy, Debug, Default)]
@@ -127,16 +137,12 @@ pub struct Fs {
     sources: Mutex<HashMap<u64, Source>>,
     /// When a request last timed out (cleared by the next answer).
     offline_at: Mutex<Option<Instant>>,
-    /// What the server last said about each path, kept after the kernel forgets the inode, so
-    /// that cached files stay reachable while the server does not answer.
-    known: Mutex<lru::LruCache<Vec<u8>, Known>>,
+    /// What the server last said about names, kept after the kernel forgets the inode, so that
+    /// cached files stay reachable while the server does not answer (saved to `meta_file`).
+    known: Mutex<Remembered>,
+    /// Attached from a saved snapshot because the server did not answer at mount time.
+    started_offline: bool,
 }
-
-/// What the server last said about a path: its attributes, and for a file opened, its version.
-type Known = (Attr, Option<FileInfo>);
-
-/// Paths remembered for offline use.
-const KNOWN_PATHS: usize = 65536;
 
 impl Fs {
     /// Attach to the share: checks the key, the share and the subdirectory, with clear errors.
@@ -145,18 +151,30 @@ impl Fs {
     }
 
     /// [`Fs::attach`] with a disk cache between memory and the network.
+    ///
+    /// When the server does not answer and `cfg.meta_file` holds what an earlier mount knew, the
+    /// mount starts from that (see [`Fs::started_offline`]): files whose chunks are all in the
+    /// disk cache are readable, the rest fail at the deadline until the server answers again.
     pub fn attach_with_cache(cfg: FsConfig, net: ClientTransport, disk: Option<Arc<Store>>) -> Result<Arc<Self>> {
         let now = Instant::now();
-        let r = net.call(&Request::Attach { share: cfg.share.clone() }, 4096, cfg.timeout)?;
-        let Response::Attached { root } = r else { return Err(Error::Invalid) };
-        let root = if cfg.subdir.is_empty() {
-            root
-        } else {
-            match net.call(&Request::Stat { share: cfg.share.clone(), path: cfg.subdir.clone() }, 4096, cfg.timeout)? {
-                Response::Attr(a) if a.kind == FileKind::Dir => a,
-                Response::Attr(_) => return Err(Error::NotDir),
-                _ => return Err(Error::Invalid),
+        let mut known = Remembered::default();
+        let saved = cfg.meta_file.as_deref().and_then(meta::load);
+        let (root, started_offline) = match Self::ask_root(&cfg, &net) {
+            Ok(root) => {
+                if let Some(s) = saved {
+                    known.restore(s);
+                }
+                (root, false)
             }
+            Err(Error::RemoteTimeout) => match saved {
+                Some(s) if s.root.is_some() => {
+                    let root = s.root.unwrap();
+                    known.restore(s);
+                    (root, true)
+                }
+                _ => return Err(Error::RemoteTimeout),
+            },
+            Err(e) => return Err(e),
         };
         let fs = Arc::new(Fs {
             inodes: Mutex::new(Inodes::new(cfg.subdir.clone(), root, now)),
@@ -170,13 +188,64 @@ impl Fs {
             counters: Counters::default(),
             disk,
             sources: Mutex::new(HashMap::new()),
-            offline_at: Mutex::new(None),
-            known: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(KNOWN_PATHS).unwrap())),
+            offline_at: Mutex::new(started_offline.then(Instant::now)),
+            known: Mutex::new(known),
+            started_offline,
             cfg,
             net,
         });
         read::Prefetcher::start(&fs);
+        if fs.cfg.meta_file.is_some() {
+            Self::start_saver(Arc::downgrade(&fs));
+        }
         Ok(fs)
+    }
+
+    /// The mount root's attributes (the share's, or its subdirectory's).
+    fn ask_root(cfg: &FsConfig, net: &ClientTransport) -> Result<Attr> {
+        let r = net.call(&Request::Attach { share: cfg.share.clone() }, 4096, cfg.timeout)?;
+        let Response::Attached { root } = r else { return Err(Error::Invalid) };
+        if cfg.subdir.is_empty() {
+            return Ok(root);
+        }
+        match net.call(&Request::Stat { share: cfg.share.clone(), path: cfg.subdir.clone() }, 4096, cfg.timeout)? {
+            Response::Attr(a) if a.kind == FileKind::Dir => Ok(a),
+            Response::Attr(_) => Err(Error::NotDir),
+            _ => Err(Error::Invalid),
+        }
+    }
+
+    /// The server did not answer at mount time: the mount started from a saved snapshot.
+    pub fn started_offline(&self) -> bool {
+        self.started_offline
+    }
+
+    fn start_saver(weak: Weak<Fs>) {
+        let _ = std::thread::Builder::new().name("wraith-meta".into()).spawn(move || {
+            let mut last = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                let Some(fs) = weak.upgrade() else { return };
+                if last.elapsed() >= META_SAVE_EVERY {
+                    fs.save_meta();
+                    last = Instant::now();
+                }
+            }
+        });
+    }
+
+    /// Save what the mount knows about names (if it changed) for a later offline mount. Errors
+    /// are logged: the snapshot only helps offline, the mount goes on without it.
+    pub fn save_meta(&self) {
+        let Some(path) = &self.cfg.meta_file else { return };
+        let root = self.inodes.lock().unwrap().get(ROOT).map(|n| n.attr);
+        let Some(root) = root else { return };
+        let snap = self.known.lock().unwrap().snapshot_if_dirty(root);
+        if let Some(snap) = snap {
+            if let Err(e) = meta::save(path, &snap) {
+                tracing::warn!(file = %path.display(), "cannot save the metadata snapshot: {e}");
+            }
+        }
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -234,9 +303,7 @@ impl Fs {
     }
 
     fn learn(&self, path: &[u8], attr: Attr, info: Option<FileInfo>) {
-        let mut k = self.known.lock().unwrap();
-        let keep = info.or_else(|| k.peek(path).and_then(|old| old.1).filter(|i| i.attr.version() == attr.version()));
-        k.put(path.to_vec(), (attr, keep));
+        self.known.lock().unwrap().learn(path, attr, info);
     }
 
     pub fn disk_cache(&self) -> Option<&Arc<Store>> {
@@ -278,7 +345,7 @@ impl Fs {
         }
         let path = join(&self.node_path(parent)?, name);
         let cached = self.inodes.lock().unwrap().find(&path);
-        let cached = cached.or_else(|| self.known.lock().unwrap().get(&path).map(|k| k.0));
+        let cached = cached.or_else(|| self.known.lock().unwrap().known(&path).map(|k| k.0));
         let attr = match self.call_unless_offline(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024, cached.is_some()) {
             Ok(Response::Attr(a)) => {
                 self.learn(&path, a, None);
@@ -342,9 +409,15 @@ impl Fs {
 
     pub fn readlink(&self, ctx: Ctx, ino: u64) -> Result<Vec<u8>> {
         let path = self.node_path(ino)?;
-        match self.call(ctx, &Request::ReadLink { share: self.share(), path }, 4096)? {
-            Response::Link(t) => Ok(t),
-            _ => Err(Error::Invalid),
+        let cached = self.known.lock().unwrap().link(&path);
+        match self.call_unless_offline(ctx, &Request::ReadLink { share: self.share(), path: path.clone() }, 4096, cached.is_some()) {
+            Ok(Response::Link(t)) => {
+                self.known.lock().unwrap().put_link(&path, &t);
+                Ok(t)
+            }
+            Ok(_) => Err(Error::Invalid),
+            Err(Error::RemoteTimeout) if cached.is_some() => Ok(cached.unwrap()),
+            Err(e) => Err(e),
         }
     }
 
@@ -360,14 +433,26 @@ impl Fs {
             out.push((2, b"..".to_vec(), None));
         }
         let cookie = offset.saturating_sub(2);
-        let req = Request::ReadDir { share: self.share(), path, cookie, max_bytes: max_bytes.max(4096) };
-        match self.call(ctx, &req, max_bytes as u64)? {
-            Response::Dir { entries, .. } => {
-                for (i, e) in entries.into_iter().enumerate() {
-                    out.push((cookie + i as u64 + 3, e.name, Some(self.present(e.attr))));
+        let have = self.known.lock().unwrap().has_page(&path, cookie);
+        let req = Request::ReadDir { share: self.share(), path: path.clone(), cookie, max_bytes: max_bytes.max(4096) };
+        let entries = match self.call_unless_offline(ctx, &req, max_bytes as u64, have) {
+            Ok(Response::Dir { entries, next }) => {
+                let mut k = self.known.lock().unwrap();
+                for e in &entries {
+                    k.learn(&join(&path, &e.name), e.attr, None);
                 }
+                k.put_page(&path, cookie, entries.clone(), next);
+                entries
             }
-            _ => return Err(Error::Invalid),
+            Ok(_) => return Err(Error::Invalid),
+            // Server unreachable: the page as it was last listed (None if evicted since).
+            Err(Error::RemoteTimeout) if have => {
+                self.known.lock().unwrap().page(&path, cookie).ok_or(Error::RemoteTimeout)?.0
+            }
+            Err(e) => return Err(e),
+        };
+        for (i, e) in entries.into_iter().enumerate() {
+            out.push((cookie + i as u64 + 3, e.name, Some(self.present(e.attr))));
         }
         Ok(out)
     }
@@ -384,7 +469,7 @@ impl Fs {
     pub fn open(&self, ctx: Ctx, ino: u64) -> Result<(u64, bool)> {
         let path = self.node_path(ino)?;
         let cached = self.infos.lock().unwrap().get(&ino).copied();
-        let cached = cached.or_else(|| self.known.lock().unwrap().get(&path).and_then(|k| k.1));
+        let cached = cached.or_else(|| self.known.lock().unwrap().known(&path).and_then(|k| k.1));
         let req = Request::Open { share: self.share(), path: path.clone() };
         let (info, inline) = match self.call_unless_offline(ctx, &req, 70 << 10, cached.is_some()) {
             Ok(Response::Opened { info, inline }) => {
@@ -466,9 +551,15 @@ impl Fs {
     }
 
     pub fn statfs(&self, ctx: Ctx) -> Result<StatFs> {
-        match self.call(ctx, &Request::StatFs { share: self.share() }, 1024)? {
-            Response::StatFs(s) => Ok(s),
-            _ => Err(Error::Invalid),
+        let cached = self.known.lock().unwrap().statfs();
+        match self.call_unless_offline(ctx, &Request::StatFs { share: self.share() }, 1024, cached.is_some()) {
+            Ok(Response::StatFs(s)) => {
+                self.known.lock().unwrap().put_statfs(s);
+                Ok(s)
+            }
+            Ok(_) => Err(Error::Invalid),
+            Err(Error::RemoteTimeout) if cached.is_some() => Ok(cached.unwrap()),
+            Err(e) => Err(e),
         }
     }
 

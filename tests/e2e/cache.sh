@@ -7,7 +7,8 @@
 # passthrough; damaged cache bytes (flipped, truncated, swapped, deleted) are detected and
 # refetched; a small cache_size stays bounded with evictions; a cache on a tiny filesystem that
 # runs out of space streams reads through; a cache directory in use is refused; the pread
-# fallback; reads continue from the cache while the server is stopped; kill -9 of the client
+# fallback; reads continue from the cache while the server is stopped, also in a mount made
+# while it is stopped (from the saved metadata snapshot); kill -9 of the client
 # during fills (N trials, default 50) leaves a cache that still serves byte-identical data.
 # Prints `ok - name` / `not ok - name: reason`, ends with "N passed, N failed", exits non-zero
 # on failure. Every command that could hang runs under `timeout`; mounts are cleaned up.
@@ -58,6 +59,7 @@ for i in range(4):
 for i in range(6):
     put(f"crash{i}.bin", 2 * 1048576 + 1000 * i)
 PY
+ln -s big.bin "$SRC/link"
 
 PORT=$(free_udp_port)
 SERVE_ARGS=(--key "$KEY" --state-dir "$WORK/state" --export "tree=$SRC")
@@ -223,6 +225,45 @@ if cmount offline "$M" "$OPTS,timeout=2,nopassthrough"; then
     check_fails "offline: a file never seen fails at the deadline" timeout 30 cat "$M/ev0.bin"
     umount_ok offline "$M"
     serve cache2 "" 127.0.0.1 "$PORT" "${SERVE_ARGS[@]}" || exit 1
+    SPID=$SERVER_PID
+fi
+
+# --- offline mount: mounted while the server is stopped, from the saved metadata -------------
+if cmount known "$M" "$OPTS"; then
+    # Walk the tree and read what should stay readable (the unmount saves what the mount knows).
+    timeout 30 ls -lR "$M" >/dev/null
+    check "offline mount: reads before" bash -c "timeout 60 cat '$M/big.bin' '$M/tiny.txt' '$M/empty' >/dev/null && timeout 10 readlink '$M/link' >/dev/null && timeout 10 df '$M' >/dev/null"
+    umount_ok known "$M"
+fi
+SNAP=$(ls "$CACHE"/meta/* 2>/dev/null | head -n 1)
+expect "offline mount: the unmount saved a metadata snapshot" [ -s "$SNAP" ]
+expect "offline mount: snapshot is private (0600)" eq "$(stat -c %a "$SNAP" 2>/dev/null)" 600
+stop_pid "$SPID" 5
+if cmount offmount "$M" "$OPTS,timeout=2"; then
+    expect "offline mount: says it mounted from the cache" grep -q "mounted from the disk cache's last known state" "$WORK/logs/mount.err"
+    expect "offline mount: ls shows the share's names" eq "$(timeout 30 ls "$M" | tr '\n' ' ')" "$(ls "$SRC" | tr '\n' ' ')"
+    check "offline mount: a fully cached file reads byte-identical" timeout 60 cmp "$SRC/big.bin" "$M/big.bin"
+    check "offline mount: b3sum of it matches" bash -c "[ \"\$(timeout 60 b3sum --no-names '$M/big.bin')\" = \"\$(b3sum --no-names '$SRC/big.bin')\" ]"
+    check "offline mount: a small file and an empty one read" bash -c "timeout 30 cmp '$SRC/tiny.txt' '$M/tiny.txt' && timeout 30 cmp '$SRC/empty' '$M/empty'"
+    expect "offline mount: readlink" eq "$(timeout 10 readlink "$M/link")" big.bin
+    check "offline mount: df answers" timeout 10 df "$M"
+    check_fails "offline mount: a file never read fails at the deadline" timeout 30 cat "$M/ev1.bin"
+    serve cache3 "" 127.0.0.1 "$PORT" "${SERVE_ARGS[@]}" || exit 1
+    SPID=$SERVER_PID
+    check "offline mount: once the server is back, that file reads byte-identical" timeout 60 cmp "$SRC/ev1.bin" "$M/ev1.bin"
+    umount_ok offmount "$M"
+fi
+# A damaged snapshot is refused: a mount while the server is stopped then fails clearly.
+if [ -s "$SNAP" ]; then
+    printf '\x5a' | dd of="$SNAP" bs=1 seek=40 conv=notrunc status=none
+    stop_pid "$SPID" 5
+    mount_wraith "" "$SPEC" "$M" "keyfile=$KEY,$OPTS,timeout=2"
+    rc=$?
+    expect "offline mount: with a damaged snapshot the mount fails (exit $rc)" [ "$rc" -eq 1 ]
+    expect "offline mount: ... saying the server did not answer" grep -q "did not answer" "$WORK/logs/mount.err"
+    expect "offline mount: ... and why the snapshot was not used" grep -q "metadata snapshot unusable" "$WORK/logs/mount.err"
+    is_mounted "$M" && unmount "$M"
+    serve cache4 "" 127.0.0.1 "$PORT" "${SERVE_ARGS[@]}" || exit 1
     SPID=$SERVER_PID
 fi
 
