@@ -60,6 +60,23 @@ pub struct XskRx {
     scratch: Vec<FrameDesc>,
 }
 
+/// Reads received frames of one UMEM (shared by the threads that receive from it).
+#[derive(Clone)]
+pub struct XskView {
+    umem: Umem,
+    umem_id: u32,
+}
+
+impl XskView {
+    /// The received packet in `f`.
+    pub fn data<'a>(&'a self, f: &'a Frame) -> &'a [u8] {
+        assert_eq!(f.umem, self.umem_id, "frame of another UMEM");
+        // SAFETY: as `XskRx::data`: `f` belongs to this UMEM and is owned by user space (taken
+        // from the rx ring, not yet on the fill ring), and `&Frame` rules out a `&mut` to it.
+        unsafe { self.umem.data(&f.desc) }.contents()
+    }
+}
+
 /// The send half: tx ring and completion ring.
 pub struct XskTx {
     umem: Umem,
@@ -190,6 +207,12 @@ impl XskRx {
         // SAFETY: `f` belongs to this UMEM and is owned by user space (the kernel does not write
         // it); `&Frame` rules out a concurrent `&mut` to the same chunk.
         unsafe { self.umem.data(&f.desc) }.contents()
+    }
+
+    /// A read-only view of this socket's UMEM, for reading frames taken out of the rx ring
+    /// without holding the ring.
+    pub fn view(&self) -> XskView {
+        XskView { umem: self.umem.clone(), umem_id: self.umem_id }
     }
 
     /// Whether the kernel wants a wake-up to use new fill entries.

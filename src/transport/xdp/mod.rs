@@ -28,7 +28,7 @@ use super::{DatagramIo, RecvBufs};
 use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::netdev::{self, NetDev};
 use crate::sys::xdp_prog::{AttachError, XdpProgram};
-use crate::sys::xsk::{self, Frame, XskConfig, XskRx, XskTx};
+use crate::sys::xsk::{self, Frame, XskConfig, XskRx, XskTx, XskView};
 use rings::{PushError, Receiver, RxRing, Sender, TxRing};
 
 pub use crate::sys::xdp_prog::XdpMode;
@@ -86,6 +86,8 @@ pub struct XdpStats {
 
 struct Queue {
     rx: Mutex<Receiver<XskRx>>,
+    /// Reads frames taken out of `rx` without its lock.
+    view: XskView,
     tx: Mutex<Sender<XskTx>>,
 }
 
@@ -225,6 +227,7 @@ impl XdpIo {
             zero_copy &= s.zero_copy;
             poll_fds.push(s.rx.fd().try_clone_to_owned().map_err(|e| err(format!("dup: {e}")))?);
             queues.push(Queue {
+                view: s.rx.view(),
                 rx: Mutex::new(Receiver::new(s.rx, s.rx_frames)),
                 tx: Mutex::new(Sender::new(s.tx, s.tx_frames)),
             });
@@ -398,38 +401,52 @@ impl XdpIo {
         Ok(())
     }
 
+    /// Frames are taken out of the rx ring under its lock and handed to `f` (which checks each
+    /// datagram's MAC, the costly part) without it, so that every receiving thread works on its
+    /// own batch at once; then they go back to the fill ring.
     fn recv_impl(&self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
         let mut total = 0;
         let mut ignored = 0u64;
         let mut last_src: Option<(Ipv4Addr, Mac)> = None;
+        let mut frames = TAKEN.with(|t| std::mem::take(&mut *t.borrow_mut()));
         for q in &self.queues {
-            // Another receiving thread holds this queue: it drains it, skip.
-            let Ok(mut rx) = q.rx.try_lock() else { continue };
             for _ in 0..16 {
-                let got = rx.poll(RX_BATCH, |frame| match packet::parse(frame) {
-                    Ok(d) if d.dst.port() == self.local.port() && d.dst.ip() == IpAddr::V4(*self.local.ip()) => {
-                        if let SocketAddr::V4(s) = d.src {
-                            if last_src != Some((*s.ip(), d.src_mac)) {
-                                self.learn(*s.ip(), d.src_mac);
-                                last_src = Some((*s.ip(), d.src_mac));
+                let got = q.rx.lock().unwrap().take(&mut frames, RX_BATCH);
+                for fr in &frames {
+                    match packet::parse(q.view.data(fr)) {
+                        Ok(d) if d.dst.port() == self.local.port() && d.dst.ip() == IpAddr::V4(*self.local.ip()) => {
+                            if let SocketAddr::V4(s) = d.src {
+                                if last_src != Some((*s.ip(), d.src_mac)) {
+                                    self.learn(*s.ip(), d.src_mac);
+                                    last_src = Some((*s.ip(), d.src_mac));
+                                }
                             }
+                            f(d.src, d.payload);
                         }
-                        f(d.src, d.payload);
+                        _ => ignored += 1,
                     }
-                    _ => ignored += 1,
-                });
+                }
+                if got > 0 {
+                    q.rx.lock().unwrap().give_back(&mut frames);
+                }
                 total += got;
                 if got < RX_BATCH {
                     break;
                 }
             }
         }
+        TAKEN.with(|t| *t.borrow_mut() = frames);
         self.stats.rx_frames.fetch_add(total as u64, Ordering::Relaxed);
         if ignored > 0 {
             self.stats.rx_ignored.fetch_add(ignored, Ordering::Relaxed);
         }
         Ok(total)
     }
+}
+
+thread_local! {
+    /// Each receiving thread's batch of frames taken out of an rx ring (kept to reuse its memory).
+    static TAKEN: std::cell::RefCell<Vec<Frame>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl DatagramIo for XdpIo {

@@ -40,13 +40,15 @@ pub struct Receiver<R: RxRing> {
     ring: R,
     spare: Vec<R::Frame>,
     held: Vec<R::Frame>,
+    /// Frames taken out by [`Receiver::take`] and not yet given back.
+    lent: usize,
     total: usize,
 }
 
 impl<R: RxRing> Receiver<R> {
     pub fn new(ring: R, frames: Vec<R::Frame>) -> Self {
         let total = frames.len();
-        let mut r = Receiver { ring, spare: frames, held: Vec::with_capacity(total), total };
+        let mut r = Receiver { ring, spare: frames, held: Vec::with_capacity(total), lent: 0, total };
         r.ring.fill(&mut r.spare);
         r
     }
@@ -63,9 +65,26 @@ impl<R: RxRing> Receiver<R> {
         n
     }
 
+    /// Take up to `max` received frames out (appended to `out`), so that their packets can be
+    /// handled without holding whatever guards the receiver; they must come back through
+    /// [`Receiver::give_back`]. Returns how many.
+    pub fn take(&mut self, out: &mut Vec<R::Frame>, max: usize) -> usize {
+        let n = self.ring.recv(out, max);
+        self.lent += n;
+        n
+    }
+
+    /// Return frames from [`Receiver::take`] (all of `frames`) and restock the fill ring.
+    pub fn give_back(&mut self, frames: &mut Vec<R::Frame>) {
+        assert!(frames.len() <= self.lent, "more frames given back than were taken");
+        self.lent -= frames.len();
+        self.spare.append(frames);
+        self.ring.fill(&mut self.spare);
+    }
+
     /// Frames on the fill or rx ring (the kernel's).
     pub fn in_kernel(&self) -> usize {
-        self.total - self.spare.len() - self.held.len()
+        self.total - self.spare.len() - self.held.len() - self.lent
     }
 
     pub fn ring(&self) -> &R {

@@ -172,6 +172,24 @@ fn receive_without_fill_entries_drops_like_xdp() {
 }
 
 #[test]
+fn taken_frames_are_read_outside_and_come_back() {
+    let (ring, fr) = MemRx::new(16, 256, 16, 16);
+    let mut r = Receiver::new(ring, fr);
+    for i in 0..10 {
+        assert!(r.ring.deliver(&packet(i, 50)));
+    }
+    let mut out = Vec::new();
+    assert_eq!(r.take(&mut out, 8), 8);
+    assert_eq!(r.in_kernel(), 8, "lent frames are neither the kernel's nor spare");
+    let seen: Vec<u32> = out.iter().map(|f| u32::from_le_bytes(f.buf[..4].try_into().unwrap())).collect();
+    assert_eq!(seen, (0..8).collect::<Vec<_>>());
+    r.give_back(&mut out);
+    assert!(out.is_empty());
+    assert_eq!(r.in_kernel(), 16);
+    assert_eq!(rx_ids(&r), (0..16).collect::<Vec<_>>());
+}
+
+#[test]
 fn sender_reuses_completed_frames_and_keeps_order() {
     let (ring, fr) = MemTx::new(8, 256, 8, 3);
     let mut s = Sender::new(ring, fr);
