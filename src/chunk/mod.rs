@@ -13,6 +13,7 @@
 //!   spine and is computed by merging stored ones.
 //! - [`VerifiedChunk`]: bytes that were hashed and matched; the only thing the cache and readers accept.
 
+pub mod pool;
 mod tree;
 
 pub use tree::{level_len, n_levels, prove, root, verify_leaves, MemTree, NodeSource, TreeBuilder};
@@ -120,7 +121,16 @@ pub fn chunk_cv(geom: &Geometry, index: u64, data: &[u8]) -> Cv {
 #[derive(Clone)]
 pub struct VerifiedChunk {
     index: u64,
-    data: Arc<Vec<u8>>,
+    data: Arc<Pooled>,
+}
+
+/// Chunk bytes that go back to the [`pool`] when the last holder lets go.
+struct Pooled(Vec<u8>);
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.0));
+    }
 }
 
 impl VerifiedChunk {
@@ -158,7 +168,7 @@ impl VerifiedChunk {
         }
         Ok(VerifiedChunk {
             index,
-            data: Arc::new(data),
+            data: Arc::new(Pooled(data)),
         })
     }
 
@@ -167,15 +177,15 @@ impl VerifiedChunk {
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.data
+        &self.data.0
     }
 
     pub fn len(&self) -> usize {
-        self.data.len()
+        self.data.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
+        self.data.0.is_empty()
     }
 }
 
@@ -183,7 +193,7 @@ impl fmt::Debug for VerifiedChunk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VerifiedChunk")
             .field("index", &self.index)
-            .field("len", &self.data.len())
+            .field("len", &self.data.0.len())
             .finish()
     }
 }

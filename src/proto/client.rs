@@ -399,7 +399,7 @@ impl Client {
                     count: count as u16,
                     have: vec![0; count.div_ceil(64)],
                     got: 0,
-                    buf: vec![0; p.total as usize],
+                    buf: crate::chunk::pool::take(p.total as usize),
                 });
                 r.asm.as_mut().unwrap()
             }

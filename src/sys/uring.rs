@@ -376,7 +376,7 @@ impl Ring {
                     stats.sqes.fetch_add(1, Ordering::Relaxed);
                 }
                 let out = match &op {
-                    Op::Read { len, .. } => vec![0u8; *len],
+                    Op::Read { len, .. } => crate::chunk::pool::take(*len),
                     Op::Write { .. } => Vec::new(),
                 };
                 table[slot] = Some(InFlight { op, done, left: ids.len(), bufs: ids, out, short: None, err: None });
