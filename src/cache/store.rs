@@ -9,7 +9,7 @@ use std::num::NonZeroUsize;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Sender};
+use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -160,10 +160,10 @@ impl Store {
         &self.shared.dir
     }
 
-    /// (SQEs submitted, io_uring_enter calls): how well submissions batch.
-    pub fn io_stats(&self) -> (u64, u64) {
+    /// (SQEs submitted, io_uring_enter calls, most SQEs in one enter): how well submissions batch.
+    pub fn io_stats(&self) -> (u64, u64, u64) {
         let s = &self.shared.io.stats;
-        (s.sqes.load(Ordering::Relaxed), s.enters.load(Ordering::Relaxed))
+        (s.sqes.load(Ordering::Relaxed), s.enters.load(Ordering::Relaxed), s.max_batch.load(Ordering::Relaxed))
     }
 
     pub fn stats(&self) -> &Stats {
@@ -198,6 +198,50 @@ impl Store {
         idx: u64,
         leaf: impl FnOnce() -> crate::error::Result<Option<Cv>>,
     ) -> Option<VerifiedChunk> {
+        let p = self.prepare(root, geom, idx)?;
+        let (tx, rx) = sync_channel(1);
+        self.shared.io.submit(p.op(geom, idx), Box::new(move |r| drop(tx.send(r))));
+        self.finish(root, geom, idx, p, rx.recv_timeout(READ_DEADLINE), leaf)
+    }
+
+    /// Several chunks of one file from disk, their reads submitted together (one
+    /// `io_uring_enter`), each verified as by [`Store::load`]. Chunks the index does not hold
+    /// are skipped; the result has one entry per chunk asked, None for a miss.
+    pub fn load_many(
+        &self,
+        root: &Root,
+        geom: &Geometry,
+        idxs: &[u64],
+        leaf: impl Fn(u64) -> crate::error::Result<Option<Cv>>,
+    ) -> Vec<(u64, Option<VerifiedChunk>)> {
+        let mut ops = Vec::new();
+        let mut waits = Vec::new();
+        for &idx in idxs {
+            match self.prepare(root, geom, idx) {
+                Some(p) => {
+                    let (tx, rx) = sync_channel(1);
+                    ops.push((p.op(geom, idx), Box::new(move |r| drop(tx.send(r))) as crate::sys::uring::Done));
+                    waits.push((idx, Some((p, rx))));
+                }
+                None => waits.push((idx, None)),
+            }
+        }
+        self.shared.io.submit_many(ops);
+        let deadline = Instant::now() + READ_DEADLINE;
+        waits
+            .into_iter()
+            .map(|(idx, w)| {
+                let c = w.and_then(|(p, rx)| {
+                    let r = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+                    self.finish(root, geom, idx, p, r, || leaf(idx))
+                });
+                (idx, c)
+            })
+            .collect()
+    }
+
+    /// The index entry and the open data file for a read of chunk `idx`; None is a miss.
+    fn prepare(&self, root: &Root, geom: &Geometry, idx: u64) -> Option<Prepared> {
         let sh = &self.shared;
         let rec = {
             let mut ix = sh.index.lock().unwrap();
@@ -215,10 +259,23 @@ impl Store {
         };
         let len = rec.len as usize;
         let read_len = if direct { round_up(len, sh.align as usize) } else { len };
-        let (tx, rx) = sync_channel(1);
-        let op = Op::Read { file, offset: geom.chunk_offset(idx), len: read_len };
-        sh.io.submit(op, Box::new(move |r| drop(tx.send(r))));
-        let mut data = match rx.recv_timeout(READ_DEADLINE) {
+        Some(Prepared { rec, file, read_len })
+    }
+
+    /// Check what a read returned and make it a verified chunk; anything wrong is a miss (and a
+    /// damaged entry is dropped).
+    fn finish(
+        &self,
+        root: &Root,
+        geom: &Geometry,
+        idx: u64,
+        p: Prepared,
+        r: Result<io::Result<Vec<u8>>, RecvTimeoutError>,
+        leaf: impl FnOnce() -> crate::error::Result<Option<Cv>>,
+    ) -> Option<VerifiedChunk> {
+        let sh = &self.shared;
+        let (rec, len) = (p.rec, p.rec.len as usize);
+        let mut data = match r {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => {
                 self.damaged(root, idx, &format!("read error: {e}"));
@@ -384,6 +441,19 @@ impl Shared {
 
     pub(super) fn forget_fd(&self, root: &Root) {
         self.fds.lock().unwrap().pop(root);
+    }
+}
+
+/// A chunk read about to be submitted: its index entry and data file.
+struct Prepared {
+    rec: ChunkRec,
+    file: Arc<File>,
+    read_len: usize,
+}
+
+impl Prepared {
+    fn op(&self, geom: &Geometry, idx: u64) -> Op {
+        Op::Read { file: self.file.clone(), offset: geom.chunk_offset(idx), len: self.read_len }
     }
 }
 

@@ -257,3 +257,35 @@ fn replay_of_100k_chunks_is_fast() {
     eprintln!("replayed 100000 chunks in {:?}", s.replay_time);
     assert!(s.replay_time < Duration::from_secs(1), "{:?}", s.replay_time);
 }
+
+#[test]
+fn load_many_verifies_each_and_misses_what_is_absent_or_damaged() {
+    let d = tempfile::tempdir().unwrap();
+    let f = TestFile::new(6 * 65536 + 7, 9);
+    let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+    for i in [0, 1, 2, 4, 5] {
+        s.admit(&f.root, &f.geom, f.cv(i), &f.chunk(i));
+    }
+    s.flush();
+    // Damage chunk 4 on disk.
+    {
+        use std::os::unix::fs::FileExt;
+        let file = OpenOptions::new().write(true).open(data_path(d.path(), &f.root)).unwrap();
+        file.write_all_at(b"xx", f.geom.chunk_offset(4) + 10).unwrap();
+    }
+    let sqes_before = s.io_stats().0;
+    let got = s.load_many(&f.root, &f.geom, &[0, 1, 2, 3, 4, 5], |i| Ok(f.cv(i)));
+    assert_eq!(got.len(), 6);
+    for (idx, c) in got {
+        match idx {
+            3 => assert!(c.is_none(), "absent chunk is a miss"),
+            4 => assert!(c.is_none(), "damaged chunk is a miss"),
+            _ => assert_eq!(c.unwrap().bytes(), f.slice(idx), "chunk {idx}"),
+        }
+    }
+    if s.mode() == Mode::Uring {
+        assert_eq!(s.io_stats().0 - sqes_before, 5, "five reads submitted");
+        assert!(s.io_stats().2 >= 5, "together");
+    }
+    assert!(!s.contains(&f.root, 4), "the damaged entry was dropped");
+}

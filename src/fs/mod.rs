@@ -632,8 +632,10 @@ impl Fs {
                 let _ = writeln!(s, "cache_evictions {}", g(&st.evictions));
                 let _ = writeln!(s, "cache_verify_failures {}", g(&st.verify_failures));
                 let _ = writeln!(s, "cache_write_errors {}", g(&st.write_errors));
-                let _ = writeln!(s, "cache_uring_sqes {}", d.io_stats().0);
-                let _ = writeln!(s, "cache_uring_enters {}", d.io_stats().1);
+                let (sqes, enters, max_batch) = d.io_stats();
+                let _ = writeln!(s, "cache_uring_sqes {sqes}");
+                let _ = writeln!(s, "cache_uring_enters {enters}");
+                let _ = writeln!(s, "cache_uring_max_batch {max_batch}");
                 h
             }
             None => {

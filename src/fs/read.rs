@@ -1,6 +1,7 @@
 //! The data path: verified chunks from memory or the network, leaf values proven in blocks, and a
 //! sequential-read detector that prefetches a growing window of chunks ahead of the reader.
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -8,7 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use lru::LruCache;
 
-use super::flight::SingleFlight;
+use super::flight::{ChunkKey, SingleFlight};
 use super::{Ctx, Fs, Handle, Source};
 use crate::chunk::{verify_leaves, Cv, VerifiedChunk};
 use crate::error::{Error, Result};
@@ -170,11 +171,20 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
         s.window
     };
     let n = h.geom.n_chunks();
+    let mut from_disk = Vec::new();
     for c in last + 1..(last + 1 + window).min(n) {
         let key = (h.info.root, c);
-        if !fs.chunks.contains(&key) && !fs.chunk_flight.is_inflight(&key) {
-            fs.prefetch.push(h.clone(), c);
+        if fs.chunks.contains(&key) || fs.chunk_flight.is_inflight(&key) || !fs.prefetch.claim(key) {
+            continue;
         }
+        match &fs.disk {
+            // Chunks the disk cache holds are read together: one io_uring_enter for the lot.
+            Some(d) if d.contains(&h.info.root, c) => from_disk.push(c),
+            _ => fs.prefetch.push(Job::One(h.clone(), c)),
+        }
+    }
+    if !from_disk.is_empty() {
+        fs.prefetch.push(Job::Disk(h.clone(), from_disk));
     }
     if first == last {
         let (chunk, s) = chunk(fs, ctx, h, first)?;
@@ -201,12 +211,29 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     Ok(ReadData::Owned(out))
 }
 
-type Job = (Arc<Handle>, u64);
+/// Work for the prefetch threads.
+pub enum Job {
+    /// One chunk, from wherever it is (memory, disk, network).
+    One(Arc<Handle>, u64),
+    /// Chunks of one file that the disk cache holds, read with one batch of submissions.
+    Disk(Arc<Handle>, Vec<u64>),
+}
+
+impl Job {
+    fn keys(&self) -> Vec<ChunkKey> {
+        match self {
+            Job::One(h, i) => vec![(h.info.root, *i)],
+            Job::Disk(h, v) => v.iter().map(|i| (h.info.root, *i)).collect(),
+        }
+    }
+}
 
 /// Threads that fetch chunks ahead of sequential readers. Jobs are dropped when the queue is full.
 #[derive(Default)]
 pub struct Prefetcher {
     tx: Mutex<Option<SyncSender<Job>>>,
+    /// Chunks queued or being prefetched, so that the next read does not ask for them again.
+    claimed: Mutex<HashSet<ChunkKey>>,
 }
 
 impl Prefetcher {
@@ -218,18 +245,63 @@ impl Prefetcher {
             let (rx, weak): (Arc<Mutex<Receiver<Job>>>, Weak<Fs>) = (rx.clone(), Arc::downgrade(fs));
             let _ = std::thread::Builder::new().name(format!("wraith-prefetch-{i}")).spawn(move || loop {
                 let job = rx.lock().unwrap().recv();
-                let Ok((h, idx)) = job else { return };
+                let Ok(job) = job else { return };
                 let Some(fs) = weak.upgrade() else { return };
-                if let Err(e) = chunk(&fs, Ctx::default(), &h, idx) {
-                    tracing::debug!(chunk = idx, error = %e, "prefetch failed");
+                let keys = job.keys();
+                run(&fs, job);
+                let mut c = fs.prefetch.claimed.lock().unwrap();
+                for k in keys {
+                    c.remove(&k);
                 }
             });
         }
     }
 
-    pub fn push(&self, h: Arc<Handle>, idx: u64) {
-        if let Some(tx) = self.tx.lock().unwrap().as_ref() {
-            let _ = tx.try_send((h, idx));
+    /// Mark `key` as being prefetched; false if it already is.
+    fn claim(&self, key: ChunkKey) -> bool {
+        self.claimed.lock().unwrap().insert(key)
+    }
+
+    fn push(&self, job: Job) {
+        let keys = job.keys();
+        let sent = match self.tx.lock().unwrap().as_ref() {
+            Some(tx) => tx.try_send(job).is_ok(),
+            None => false,
+        };
+        if !sent {
+            let mut c = self.claimed.lock().unwrap();
+            for k in keys {
+                c.remove(&k);
+            }
+        }
+    }
+}
+
+fn run(fs: &Fs, job: Job) {
+    match job {
+        Job::One(h, idx) => {
+            if let Err(e) = chunk(fs, Ctx::default(), &h, idx) {
+                tracing::debug!(chunk = idx, error = %e, "prefetch failed");
+            }
+        }
+        Job::Disk(h, idxs) => {
+            let Some(disk) = &fs.disk else { return };
+            let root = h.info.root;
+            let idxs: Vec<u64> = idxs
+                .into_iter()
+                .filter(|&i| !fs.chunks.contains(&(root, i)) && !fs.chunk_flight.is_inflight(&(root, i)))
+                .collect();
+            for (idx, c) in disk.load_many(&root, &h.geom, &idxs, |i| leaf_cv(fs, Ctx::default(), &h, i)) {
+                match c {
+                    Some(c) => fs.chunks.insert((root, idx), c, Source::Cache),
+                    // Gone or damaged since: the usual way (network, with the single-flight).
+                    None => {
+                        if let Err(e) = chunk(fs, Ctx::default(), &h, idx) {
+                            tracing::debug!(chunk = idx, error = %e, "prefetch failed");
+                        }
+                    }
+                }
+            }
         }
     }
 }

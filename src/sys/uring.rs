@@ -104,6 +104,8 @@ pub type Done = Box<dyn FnOnce(io::Result<Vec<u8>>) + Send>;
 
 enum Msg {
     Op(Op, Done),
+    /// Several operations that go into the ring together (one `io_uring_enter`).
+    Ops(Vec<(Op, Done)>),
     Stop,
 }
 
@@ -130,6 +132,8 @@ pub struct IoConfig {
 pub struct IoStats {
     pub sqes: AtomicU64,
     pub enters: AtomicU64,
+    /// Most SQEs one `io_uring_enter` submitted.
+    pub max_batch: AtomicU64,
 }
 
 /// Handle to the ring thread. Dropping it stops the thread after every operation completed.
@@ -186,6 +190,21 @@ impl IoThread {
         self.poke();
     }
 
+    /// Queue several operations at once: they are pushed together and submitted with one
+    /// `io_uring_enter` (as far as free buffers allow).
+    pub fn submit_many(&self, ops: Vec<(Op, Done)>) {
+        if ops.is_empty() {
+            return;
+        }
+        if let Err(std::sync::mpsc::SendError(Msg::Ops(ops))) = self.tx.send(Msg::Ops(ops)) {
+            for (_, done) in ops {
+                done(Err(io::Error::new(io::ErrorKind::BrokenPipe, "io thread stopped")));
+            }
+            return;
+        }
+        self.poke();
+    }
+
     fn poke(&self) {
         if let Some(w) = &self.wake {
             let _ = (&*w).write(&1u64.to_ne_bytes());
@@ -223,8 +242,16 @@ fn copy_in(op: &Op, bufs: &mut [AlignedBuf], ids: &[u16], buf_size: usize) {
 
 /// pread/pwrite, one operation at a time, through one aligned buffer.
 fn run_sync(mut pool: Vec<AlignedBuf>, rx: Receiver<Msg>, buf_size: usize) {
-    while let Ok(Msg::Op(op, done)) = rx.recv() {
-        done(sync_op(&op, &mut pool[0], buf_size));
+    loop {
+        match rx.recv() {
+            Ok(Msg::Op(op, done)) => done(sync_op(&op, &mut pool[0], buf_size)),
+            Ok(Msg::Ops(ops)) => {
+                for (op, done) in ops {
+                    done(sync_op(&op, &mut pool[0], buf_size));
+                }
+            }
+            Ok(Msg::Stop) | Err(_) => return,
+        }
     }
 }
 
@@ -331,6 +358,7 @@ impl Ring {
         let mut inflight = 0usize;
         let mut stopping = false;
         let mut wake_armed = true;
+        let mut batch = 0u64;
         self.arm_wake();
         loop {
             // Start what fits in the free buffers, in order.
@@ -374,6 +402,7 @@ impl Ring {
                     // holds n_bufs + 8 entries and at most n_bufs parts + 1 wake are queued.
                     unsafe { self.ring.submission().push(&e.user_data(ud)).expect("submission queue has room") };
                     stats.sqes.fetch_add(1, Ordering::Relaxed);
+                    batch += 1;
                 }
                 let out = match &op {
                     Op::Read { len, .. } => crate::chunk::pool::take(*len),
@@ -390,6 +419,8 @@ impl Ring {
                 let _ = (&self.wake).write(&1u64.to_ne_bytes());
             }
             stats.enters.fetch_add(1, Ordering::Relaxed);
+            stats.max_batch.fetch_max(batch, Ordering::Relaxed);
+            batch = 0;
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
@@ -410,6 +441,7 @@ impl Ring {
                     loop {
                         match rx.try_recv() {
                             Ok(Msg::Op(op, done)) => pending.push_back((op, done)),
+                            Ok(Msg::Ops(ops)) => pending.extend(ops),
                             Ok(Msg::Stop) | Err(TryRecvError::Disconnected) => {
                                 stopping = true;
                                 break;
@@ -525,6 +557,33 @@ mod tests {
     #[test]
     fn uring_roundtrip_and_batching() {
         roundtrip(false);
+    }
+
+    #[test]
+    fn submit_many_goes_in_with_one_enter() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(std::fs::File::create(dir.path().join("f")).unwrap());
+        f.set_len(8 * 8192).unwrap();
+        let f = Arc::new(std::fs::File::open(dir.path().join("f")).unwrap());
+        let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 8, force_sync: false }).unwrap();
+        if io.mode() != Mode::Uring {
+            eprintln!("no io_uring here: nothing to measure");
+            return;
+        }
+        let (tx, rx) = sync_channel(8);
+        let ops = (0..8u64)
+            .map(|i| {
+                let tx = tx.clone();
+                let done: Done = Box::new(move |r| tx.send(r.map(|d| d.len())).unwrap());
+                (Op::Read { file: f.clone(), offset: i * 8192, len: 8192 }, done)
+            })
+            .collect();
+        io.submit_many(ops);
+        for _ in 0..8 {
+            assert_eq!(rx.recv().unwrap().unwrap(), 8192);
+        }
+        assert_eq!(io.stats.sqes.load(Ordering::Relaxed), 8);
+        assert_eq!(io.stats.max_batch.load(Ordering::Relaxed), 8, "the eight reads went in with one enter");
     }
 
     #[test]
