@@ -163,7 +163,11 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     let window = {
         let mut s = h.seq.lock().unwrap();
         if offset == s.next_off || (s.next_off > 0 && offset.abs_diff(s.next_off) <= (1 << log2)) {
-            s.window = (s.window * 2).clamp(1, fs.cfg.max_prefetch);
+            // Never more ahead than half the memory cache holds: prefetched chunks evicted before
+            // the reader gets to them would be read twice (measured: a 96-chunk window with a
+            // 16 MiB memory cache read 5x slower).
+            let fits = ((fs.cfg.mem_cache >> log2) / 2).max(1);
+            s.window = (s.window * 2).clamp(1, fs.cfg.max_prefetch.min(fits));
         } else {
             s.window = 0;
         }
