@@ -36,9 +36,10 @@ pub const XATTR_SOURCE: &str = "user.wraith.source";
 /// On the mount's root: counters for a person (`wraith-mount --stats`).
 pub const XATTR_STATS: &str = "user.wraith.stats";
 
-/// After a request timed out, metadata that is cached is served without asking the server for
-/// this long (a stopped server must not cost a full deadline per `stat`).
-const OFFLINE_GRACE: Duration = Duration::from_secs(10);
+/// After a request timed out, what is cached is served without asking the server (a stopped
+/// server must not cost a full deadline per `stat`) until a probe this often gets an answer.
+const PROBE_EVERY: Duration = Duration::from_secs(3);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a read was served from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +143,8 @@ pub struct Fs {
     known: Mutex<Remembered>,
     /// Attached from a saved snapshot because the server did not answer at mount time.
     started_offline: bool,
+    /// Held while a snapshot is written (the periodic saver and the unmount may both save).
+    saving: Mutex<()>,
 }
 
 impl Fs {
@@ -191,13 +194,12 @@ impl Fs {
             offline_at: Mutex::new(started_offline.then(Instant::now)),
             known: Mutex::new(known),
             started_offline,
+            saving: Mutex::new(()),
             cfg,
             net,
         });
         read::Prefetcher::start(&fs);
-        if fs.cfg.meta_file.is_some() {
-            Self::start_saver(Arc::downgrade(&fs));
-        }
+        Self::start_background(Arc::downgrade(&fs));
         Ok(fs)
     }
 
@@ -220,15 +222,24 @@ impl Fs {
         self.started_offline
     }
 
-    fn start_saver(weak: Weak<Fs>) {
+    /// Saves the metadata snapshot now and then; while the server does not answer, probes it
+    /// (a statfs with a short deadline) and ends offline mode when it answers.
+    fn start_background(weak: Weak<Fs>) {
         let _ = std::thread::Builder::new().name("wraith-meta".into()).spawn(move || {
-            let mut last = Instant::now();
+            let (mut saved, mut probed) = (Instant::now(), Instant::now());
             loop {
                 std::thread::sleep(Duration::from_millis(500));
                 let Some(fs) = weak.upgrade() else { return };
-                if last.elapsed() >= META_SAVE_EVERY {
+                if saved.elapsed() >= META_SAVE_EVERY {
                     fs.save_meta();
-                    last = Instant::now();
+                    saved = Instant::now();
+                }
+                if fs.offline() && probed.elapsed() >= PROBE_EVERY {
+                    probed = Instant::now();
+                    if fs.net.call(&Request::StatFs { share: fs.share() }, 1024, PROBE_TIMEOUT).is_ok() {
+                        *fs.offline_at.lock().unwrap() = None;
+                        tracing::info!("server answers again");
+                    }
                 }
             }
         });
@@ -240,10 +251,12 @@ impl Fs {
         let Some(path) = &self.cfg.meta_file else { return };
         let root = self.inodes.lock().unwrap().get(ROOT).map(|n| n.attr);
         let Some(root) = root else { return };
+        let _one_at_a_time = self.saving.lock().unwrap();
         let snap = self.known.lock().unwrap().snapshot_if_dirty(root);
         if let Some(snap) = snap {
             if let Err(e) = meta::save(path, &snap) {
                 tracing::warn!(file = %path.display(), "cannot save the metadata snapshot: {e}");
+                self.known.lock().unwrap().mark_dirty();
             }
         }
     }
@@ -281,17 +294,25 @@ impl Fs {
             if warned && r.is_ok() {
                 tracing::info!("server OK again");
             }
+            let mut off = self.offline_at.lock().unwrap();
             match &r {
-                Err(Error::RemoteTimeout) => *self.offline_at.lock().unwrap() = Some(Instant::now()),
-                _ => *self.offline_at.lock().unwrap() = None,
+                Err(Error::RemoteTimeout) => {
+                    if off.is_none() {
+                        tracing::warn!("server not answering; serving what is cached until it does");
+                    }
+                    *off = Some(Instant::now());
+                }
+                _ => *off = None,
             }
+            drop(off);
             return r;
         }
     }
 
-    /// A request timed out recently: serve cached metadata without asking again.
+    /// A request timed out and the server has not answered since: serve what is cached without
+    /// asking again (the background probe ends this).
     fn offline(&self) -> bool {
-        self.offline_at.lock().unwrap().is_some_and(|t| t.elapsed() < OFFLINE_GRACE)
+        self.offline_at.lock().unwrap().is_some()
     }
 
     /// `req`, or `Err(RemoteTimeout)` at once while offline when the caller has a cached answer.

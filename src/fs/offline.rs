@@ -153,6 +153,11 @@ impl Remembered {
         Some(Snapshot { root: Some(root), statfs: self.statfs, known, pages, links })
     }
 
+    /// Save again next time (the last save failed).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// Take in a snapshot saved by an earlier mount.
     pub fn restore(&mut self, s: Snapshot) {
         for (p, a, i) in s.known {

@@ -248,6 +248,8 @@ if cmount offmount "$M" "$OPTS,timeout=2"; then
     expect "offline mount: readlink" eq "$(timeout 10 readlink "$M/link")" big.bin
     check "offline mount: df answers" timeout 10 df "$M"
     check_fails "offline mount: a file never read fails at the deadline" timeout 30 cat "$M/ev1.bin"
+    sleep 11 # well past attr_timeout: every name is asked for again
+    check "offline mount: 11 s into the outage, cached names answer without waiting out the 2 s deadline" timeout 1.9 ls -l "$M/big.bin" "$M/tiny.txt"
     serve cache3 "" 127.0.0.1 "$PORT" "${SERVE_ARGS[@]}" || exit 1
     SPID=$SERVER_PID
     check "offline mount: once the server is back, that file reads byte-identical" timeout 60 cmp "$SRC/ev1.bin" "$M/ev1.bin"
