@@ -101,7 +101,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => (t, 1),
     };
     let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 256M, 10G)"))?;
-    if !(v >= 0.0) {
+    if v.is_nan() || v < 0.0 {
         return Err(format!("'{s}' is not a size (e.g. 256M, 10G)"));
     }
     Ok((v * mul as f64) as u64)

@@ -195,6 +195,7 @@ fn main() -> ExitCode {
                 rx_ignored = st.rx_ignored.load(Relaxed),
                 tx = st.tx_frames.load(Relaxed),
                 kicks = st.tx_kicks.load(Relaxed),
+                tx_through_kernel = st.tx_kernel.load(Relaxed),
                 "AF_XDP totals"
             );
             drop(io); // detaches the XDP program

@@ -84,6 +84,9 @@ pub struct FsConfig {
 /// How often what the mount knows about names is saved (when it changed), besides at unmount.
 const META_SAVE_EVERY: Duration = Duration::from_secs(30);
 
+/// One `readdir` answer entry: (next offset, name, attributes; None for "." and "..").
+pub type DirItem = (u64, Vec<u8>, Option<Attr>);
+
 /// Who is asking (for interrupting hard-mount retries).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Ctx {
@@ -444,7 +447,7 @@ impl Fs {
 
     /// Directory entries after FUSE offset `offset`: (next offset, name, attr). Offsets 1 and 2 are
     /// "." and ".."; entry k of the server's sorted listing has offset k + 3.
-    pub fn readdir(&self, ctx: Ctx, ino: u64, offset: u64, max_bytes: u32) -> Result<Vec<(u64, Vec<u8>, Option<Attr>)>> {
+    pub fn readdir(&self, ctx: Ctx, ino: u64, offset: u64, max_bytes: u32) -> Result<Vec<DirItem>> {
         let path = self.node_path(ino)?;
         let mut out = Vec::new();
         if offset == 0 {
@@ -639,6 +642,7 @@ impl Fs {
         let _ = writeln!(s, "network_verify_failures {}", g(&c.verify_failures));
         let _ = writeln!(s, "passthrough_opens {}", g(&c.passthrough_opens));
         let _ = writeln!(s, "offline_opens {}", g(&c.offline_opens));
+        let _ = write!(s, "{}", self.net.io_stats_text());
         let disk_hits = match &self.disk {
             Some(d) => {
                 let st = d.stats();

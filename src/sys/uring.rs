@@ -509,7 +509,7 @@ mod tests {
     fn roundtrip(force_sync: bool) {
         let dir = tempfile::tempdir().unwrap();
         let f = Arc::new(
-            std::fs::OpenOptions::new().read(true).write(true).create(true).open(dir.path().join("f")).unwrap(),
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap(),
         );
         let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, force_sync }).unwrap();
         if force_sync {

@@ -33,6 +33,10 @@ pub trait DatagramIo: Send + Sync {
     /// Hand every datagram queued now to `f`, without blocking. `bufs` are the UDP path's
     /// receive buffers, one set per receiving thread; AF_XDP receives into its UMEM and ignores them.
     fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+    /// Counters of the path for a person, `name value` lines (empty when it has none).
+    fn describe_stats(&self) -> String {
+        String::new()
+    }
 }
 
 /// Largest datagram for the path to `peer` without IP fragmentation.
@@ -175,6 +179,11 @@ impl ClientTransport {
 
     pub fn call(&self, req: &Request, expect: u64, timeout: Duration) -> Result<Response, Error> {
         self.submit(req, expect, timeout).wait()
+    }
+
+    /// The datagram path's own counters (`DatagramIo::describe_stats`).
+    pub fn io_stats_text(&self) -> String {
+        self.io.describe_stats()
     }
 
     pub fn stats(&self) -> TransportStats {

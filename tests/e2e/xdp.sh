@@ -53,13 +53,14 @@ no_xdp_left() {
     not_ok "$1: no XDP program left on $3" "$(ip -n "$2" link show "$3" | grep prog/xdp)"
 }
 
-# start_server_mode NAME MODE [ARGS...]: MODE udp or xdp. Sets SERVER_PID.
+# start_server_mode NAME MODE [ARGS...]: MODE udp or xdp; on $SERVE_ADDR (default $S_ADDR).
+# Sets SERVER_PID.
 start_server_mode() {
     local name=$1 mode=$2
     shift 2
     local extra=()
     [ "$mode" = xdp ] && extra=(--xdp "$S_IF")
-    serve "$name" "$NS_A" "$S_ADDR" "$PORT" --key "$KEY" --state-dir "$WORK/state/s" \
+    serve "$name" "$NS_A" "${SERVE_ADDR:-$S_ADDR}" "$PORT" --key "$KEY" --state-dir "$WORK/state/s" \
         --export "tree=$SRC" "${extra[@]}" "$@" || return 1
     if [ "$mode" = xdp ]; then
         # The port is reserved before the program and sockets are up: wait for the start-up line.
@@ -146,6 +147,32 @@ for smode in udp xdp; do
     stop_pid "$pid" 10
     [ "$smode" = xdp ] && no_xdp_left "xdp server: after SIGTERM" "$NS_A" "$S_IF"
 done
+
+# --- IPv6: AF_XDP server on an IPv6 address, AF_XDP and UDP clients -----------------------------
+# No /proc file lists IPv6 neighbours: the client's first datagrams go through the kernel (which
+# does neighbour discovery) and the server's answer over AF_XDP teaches the client its address.
+if SERVE_ADDR=$S_ADDR6 start_server_mode v6-xdp-server xdp; then
+    pid=$SERVER_PID
+    for cmode in xdp udp; do
+        name="v6 xdp server, $cmode client"
+        mnt=$WORK/cli/v6-$cmode
+        if mount_ok "$name" "$NS_B" "[$S_ADDR6]:$PORT:/tree" "$mnt" "keyfile=$KEY,transport=$cmode,iface=$C_IF"; then
+            [ "$cmode" = xdp ] && check "$name: client runs AF_XDP on $C_IF" xdp_attached "$NS_B" "$C_IF"
+            read_check "$name" "$mnt"
+            if [ "$cmode" = xdp ]; then
+                st=$(timeout 10 "$WRAITH_BIN/wraith-mount" --stats "$mnt")
+                viak=$(awk '$1 == "xdp_tx_through_kernel" { print $2 }' <<<"$st")
+                viax=$(awk '$1 == "xdp_tx_frames" { print $2 }' <<<"$st")
+                check "$name: the first datagrams went through the kernel ($viak), the rest over AF_XDP ($viax)" \
+                    test "${viak:-0}" -ge 1 -a "${viax:-0}" -gt "${viak:-0}"
+            fi
+            umount_ok "$name" "$mnt"
+        fi
+    done
+    stop_pid "$pid" 10
+    check "v6 xdp server: it sent over AF_XDP, not the kernel" grep -q "tx_through_kernel=0" "$WORK/logs/serve-v6-xdp-server.log"
+    no_xdp_left "v6 xdp server: after SIGTERM" "$NS_A" "$S_IF"
+fi
 
 # A TCP connection while the *client* side runs AF_XDP too.
 start_server_mode "both-xdp" xdp || true

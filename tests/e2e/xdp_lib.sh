@@ -8,6 +8,8 @@
 
 S_ADDR=10.77.1.1
 C_ADDR=10.77.1.2
+S_ADDR6=fd00:77:0:1::1
+C_ADDR6=fd00:77:0:1::2
 S_IF=wx0
 C_IF=wx1
 
@@ -26,6 +28,8 @@ xdp_setup() {
     ip link add "$S_IF" netns "$NS_A" numrxqueues "$q" numtxqueues "$q" type veth \
         peer name "$C_IF" netns "$NS_B" numrxqueues "$q" numtxqueues "$q" || return 1
     ip -n "$NS_A" addr add "$S_ADDR/24" dev "$S_IF" && ip -n "$NS_B" addr add "$C_ADDR/24" dev "$C_IF" || return 1
+    # IPv6 too (nodad: usable at once).
+    ip -n "$NS_A" addr add "$S_ADDR6/64" dev "$S_IF" nodad && ip -n "$NS_B" addr add "$C_ADDR6/64" dev "$C_IF" nodad || return 1
     ip -n "$NS_A" link set lo up && ip -n "$NS_A" link set "$S_IF" up || return 1
     ip -n "$NS_B" link set lo up && ip -n "$NS_B" link set "$C_IF" up || return 1
     local i

@@ -17,7 +17,7 @@ pub mod rings;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -41,7 +41,6 @@ const RX_BATCH: usize = 64;
 const TX_BATCH: usize = 64;
 /// Room for a packet in a frame: the chunk less the kernel's XDP headroom.
 const FRAME_ROOM: usize = xsk::FRAME_SIZE as usize - 256;
-const IPV4_UDP: usize = packet::header_len(false);
 /// How long a send waits for frames to come back before giving up.
 const SEND_WAIT: Duration = Duration::from_secs(2);
 /// How long to wait for another wraith process to let go of the interface.
@@ -82,6 +81,8 @@ pub struct XdpStats {
     pub rx_ignored: AtomicU64,
     pub tx_frames: AtomicU64,
     pub tx_kicks: AtomicU64,
+    /// Datagrams sent through the kernel's UDP socket (IPv6 peer not resolved yet).
+    pub tx_kernel: AtomicU64,
 }
 
 struct Queue {
@@ -94,9 +95,10 @@ struct Queue {
 #[derive(Default)]
 struct Neighbours {
     /// From the kernel's neighbour table, with when it was read.
-    table: HashMap<Ipv4Addr, (Mac, Instant)>,
-    /// Source addresses of frames that arrived, used only when the table has no entry.
-    learned: HashMap<Ipv4Addr, Mac>,
+    table: HashMap<IpAddr, (Mac, Instant)>,
+    /// Source addresses of frames that arrived, used when the table has no entry (and for
+    /// IPv6, whose neighbour table has no `/proc` file).
+    learned: HashMap<IpAddr, Mac>,
 }
 
 /// An AF_XDP datagram path on one interface and UDP port.
@@ -105,12 +107,14 @@ pub struct XdpIo {
     /// Duplicates of the sockets' fds, for poll(2) without taking the receive locks.
     poll_fds: Vec<OwnedFd>,
     dev: NetDev,
-    local: SocketAddrV4,
+    local: SocketAddr,
     zero_copy: bool,
     next_tx: AtomicUsize,
     neigh: Mutex<Neighbours>,
     stats: XdpStats,
-    _reserve: UdpSocket,
+    /// Holds the UDP port in the kernel; also sends to an IPv6 peer whose Ethernet address is
+    /// not known yet (the kernel resolves it; its answer over AF_XDP teaches it to us).
+    reserve: UdpSocket,
     prog: XdpProgram,
 }
 
@@ -148,7 +152,8 @@ impl TxRing for XskTx {
 
 impl XdpIo {
     /// Open AF_XDP on `opts.iface` for UDP `bind` (port 0: pick one). An unspecified address
-    /// answers on the interface's first IPv4 address.
+    /// answers on the interface's first IPv4 address (`0.0.0.0`) or first global IPv6 address
+    /// (`::`).
     pub fn open(opts: &XdpOptions, bind: SocketAddr) -> Result<XdpIo, XdpError> {
         let iface = opts.iface.as_str();
         let err = |m: String| XdpError(m);
@@ -166,17 +171,26 @@ impl XdpIo {
                 FRAME_ROOM - packet::ETH_LEN
             )));
         }
-        let ip = match bind.ip() {
-            IpAddr::V4(a) if !a.is_unspecified() => {
+        let ip: IpAddr = match bind.ip() {
+            IpAddr::V4(a) if a.is_unspecified() => {
+                (*dev.ipv4.first().ok_or_else(|| err(format!("interface {iface} has no IPv4 address")))?).into()
+            }
+            IpAddr::V4(a) => {
                 if !dev.ipv4.contains(&a) {
                     return Err(err(format!("address {a} is not on interface {iface}")));
                 }
-                a
+                a.into()
             }
-            a if a.is_unspecified() => {
-                *dev.ipv4.first().ok_or_else(|| err(format!("interface {iface} has no IPv4 address")))?
+            IpAddr::V6(a) => {
+                let have = neigh::ipv6_addrs(iface).map_err(|e| err(format!("cannot read the IPv6 addresses of {iface}: {e}")))?;
+                if a.is_unspecified() {
+                    (*have.first().ok_or_else(|| err(format!("interface {iface} has no global IPv6 address")))?).into()
+                } else if have.contains(&a) {
+                    a.into()
+                } else {
+                    return Err(err(format!("address {a} is not a global address of interface {iface}")));
+                }
             }
-            a => return Err(err(format!("AF_XDP path supports IPv4 only; {a} is IPv6"))),
         };
         let reserve = UdpSocket::bind(bind).map_err(|e| err(format!("cannot reserve UDP {bind}: {e}")))?;
         let port = reserve.local_addr().map_err(|e| err(e.to_string()))?.port();
@@ -239,12 +253,12 @@ impl XdpIo {
             queues,
             poll_fds,
             dev,
-            local: SocketAddrV4::new(ip, port),
+            local: SocketAddr::new(ip, port),
             zero_copy,
             next_tx: AtomicUsize::new(0),
             neigh: Mutex::new(Neighbours::default()),
             stats: XdpStats::default(),
-            _reserve: reserve,
+            reserve,
             prog,
         })
     }
@@ -263,7 +277,7 @@ impl XdpIo {
         )
     }
 
-    pub fn local_addr(&self) -> SocketAddrV4 {
+    pub fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
@@ -273,20 +287,26 @@ impl XdpIo {
 
     /// Largest wraith datagram this path carries without fragmentation.
     pub fn max_datagram(&self) -> usize {
-        (self.dev.mtu as usize).min(FRAME_ROOM - packet::ETH_LEN).saturating_sub(28).clamp(MIN_DATAGRAM, MAX_DATAGRAM)
+        let ip_udp = packet::header_len(self.local.is_ipv6()) - packet::ETH_LEN;
+        (self.dev.mtu as usize).min(FRAME_ROOM - packet::ETH_LEN).saturating_sub(ip_udp).clamp(MIN_DATAGRAM, MAX_DATAGRAM)
     }
 
     /// A client's path to `peer`: on `opts.iface`, or (empty) on the interface the kernel's
     /// route to `peer` uses; an ephemeral port; the next hop resolved before returning.
     pub fn open_client(opts: &XdpOptions, peer: SocketAddr) -> Result<XdpIo, XdpError> {
-        let SocketAddr::V4(p) = peer else {
-            return Err(XdpError(format!("AF_XDP path supports IPv4 only; {peer} is IPv6")));
-        };
         let mut opts = opts.clone();
+        let any: SocketAddr = match peer {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
         if opts.iface.is_empty() {
-            opts.iface = neigh::next_hop(*p.ip(), None).map_err(|e| XdpError(e.to_string()))?.1;
+            opts.iface = match peer.ip() {
+                IpAddr::V4(a) => neigh::next_hop(a, None).map(|h| h.1),
+                IpAddr::V6(a) => neigh::next_hop6(a, None).map(|h| h.1),
+            }
+            .map_err(|e| XdpError(e.to_string()))?;
         }
-        let io = XdpIo::open(&opts, SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        let io = XdpIo::open(&opts, any)?;
         io.resolve_peer(peer, Duration::from_secs(3))?;
         Ok(io)
     }
@@ -294,36 +314,49 @@ impl XdpIo {
     /// Resolve `peer`'s next hop now (a client does this before its first datagram), so that a
     /// missing route or neighbour shows up as an error at start rather than as silence.
     pub fn resolve_peer(&self, peer: SocketAddr, wait: Duration) -> Result<(), XdpError> {
-        let SocketAddr::V4(p) = peer else {
-            return Err(XdpError(format!("AF_XDP path supports IPv4 only; {peer} is IPv6")));
-        };
-        let (hop, _) = neigh::next_hop(*p.ip(), Some(&self.dev.name)).map_err(|e| XdpError(e.to_string()))?;
-        let mac = neigh::resolve(hop, &self.dev.name, wait).map_err(|e| XdpError(e.to_string()))?;
-        self.neigh.lock().unwrap().table.insert(*p.ip(), (mac, Instant::now()));
+        if peer.is_ipv6() != self.local.is_ipv6() {
+            return Err(XdpError(format!("{peer} and this AF_XDP socket's address {} are of different IP versions", self.local.ip())));
+        }
+        match peer.ip() {
+            IpAddr::V4(p) => {
+                let (hop, _) = neigh::next_hop(p, Some(&self.dev.name)).map_err(|e| XdpError(e.to_string()))?;
+                let mac = neigh::resolve(hop, &self.dev.name, wait).map_err(|e| XdpError(e.to_string()))?;
+                self.neigh.lock().unwrap().table.insert(peer.ip(), (mac, Instant::now()));
+            }
+            // No neighbour table to read: check the route; the first datagrams go through the
+            // kernel, which resolves the next hop, and the answer teaches us its address.
+            IpAddr::V6(p) => {
+                neigh::next_hop6(p, Some(&self.dev.name)).map_err(|e| XdpError(e.to_string()))?;
+            }
+        }
         Ok(())
     }
 
-    fn mac_for(&self, ip: Ipv4Addr) -> io::Result<Mac> {
+    /// The Ethernet address to send to `ip` with; None: not known (IPv6), send through the kernel.
+    fn mac_for(&self, ip: IpAddr) -> io::Result<Option<Mac>> {
         let mut n = self.neigh.lock().unwrap();
         if let Some((m, t)) = n.table.get(&ip) {
             if t.elapsed() < NEIGH_TTL {
-                return Ok(*m);
+                return Ok(Some(*m));
             }
         }
-        let hop = neigh::next_hop(ip, Some(&self.dev.name)).map(|(h, _)| h).unwrap_or(ip);
+        let IpAddr::V4(v4) = ip else {
+            return Ok(n.learned.get(&ip).copied());
+        };
+        let hop = neigh::next_hop(v4, Some(&self.dev.name)).map(|(h, _)| h).unwrap_or(v4);
         if let Ok(Some(m)) = neigh::cached_mac(hop, &self.dev.name) {
             n.table.insert(ip, (m, Instant::now()));
-            return Ok(m);
+            return Ok(Some(m));
         }
         if let Some((m, _)) = n.table.get(&ip) {
-            return Ok(*m); // the kernel dropped the entry; the last answer is still our best
+            return Ok(Some(*m)); // the kernel dropped the entry; the last answer is still our best
         }
-        n.learned.get(&ip).copied().ok_or_else(|| {
+        n.learned.get(&ip).copied().map(Some).ok_or_else(|| {
             io::Error::new(io::ErrorKind::HostUnreachable, format!("no Ethernet address known for {ip}"))
         })
     }
 
-    fn learn(&self, ip: Ipv4Addr, mac: Mac) {
+    fn learn(&self, ip: IpAddr, mac: Mac) {
         let mut n = self.neigh.lock().unwrap();
         if n.learned.get(&ip) != Some(&mac) {
             n.learned.insert(ip, mac);
@@ -342,11 +375,19 @@ impl XdpIo {
     }
 
     fn send_impl(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
-        let SocketAddr::V4(d) = dest else {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "AF_XDP path is IPv4 only"));
-        };
-        let ep = Endpoints { src_mac: self.dev.mac, dst_mac: self.mac_for(*d.ip())?, src: self.local.into(), dst: dest };
+        if dest.is_ipv6() != self.local.is_ipv6() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{dest} is not of this AF_XDP socket's IP version")));
+        }
         let seg = seg.max(1);
+        let Some(dst_mac) = self.mac_for(dest.ip())? else {
+            for d in buf.chunks(seg) {
+                self.reserve.send_to(d, dest)?;
+            }
+            self.stats.tx_kernel.fetch_add(buf.len().div_ceil(seg) as u64, Ordering::Relaxed);
+            return Ok(());
+        };
+        let ep = Endpoints { src_mac: self.dev.mac, dst_mac, src: self.local, dst: dest };
+        let hl = packet::header_len(dest.is_ipv6());
         let mut tx = self.lock_tx();
         tx.reclaim();
         let deadline = Instant::now() + SEND_WAIT;
@@ -354,8 +395,8 @@ impl XdpIo {
         let mut sent = 0u64;
         for d in buf.chunks(seg) {
             loop {
-                let r = tx.push(IPV4_UDP + d.len(), |b| {
-                    b[IPV4_UDP..].copy_from_slice(d);
+                let r = tx.push(hl + d.len(), |b| {
+                    b[hl..].copy_from_slice(d);
                     let w = packet::write_headers(b, &ep, d.len());
                     debug_assert_eq!(w, Ok(b.len()));
                 });
@@ -407,19 +448,17 @@ impl XdpIo {
     fn recv_impl(&self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
         let mut total = 0;
         let mut ignored = 0u64;
-        let mut last_src: Option<(Ipv4Addr, Mac)> = None;
+        let mut last_src: Option<(IpAddr, Mac)> = None;
         let mut frames = TAKEN.with(|t| std::mem::take(&mut *t.borrow_mut()));
         for q in &self.queues {
             for _ in 0..16 {
                 let got = q.rx.lock().unwrap().take(&mut frames, RX_BATCH);
                 for fr in &frames {
                     match packet::parse(q.view.data(fr)) {
-                        Ok(d) if d.dst.port() == self.local.port() && d.dst.ip() == IpAddr::V4(*self.local.ip()) => {
-                            if let SocketAddr::V4(s) = d.src {
-                                if last_src != Some((*s.ip(), d.src_mac)) {
-                                    self.learn(*s.ip(), d.src_mac);
-                                    last_src = Some((*s.ip(), d.src_mac));
-                                }
+                        Ok(d) if d.dst.port() == self.local.port() && d.dst.ip() == self.local.ip() => {
+                            if last_src != Some((d.src.ip(), d.src_mac)) {
+                                self.learn(d.src.ip(), d.src_mac);
+                                last_src = Some((d.src.ip(), d.src_mac));
                             }
                             f(d.src, d.payload);
                         }
@@ -462,5 +501,17 @@ impl DatagramIo for XdpIo {
     /// `_bufs` is unused: frames are received in the UMEM and handed to `f` from there.
     fn recv_now(&self, _bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
         self.recv_impl(f)
+    }
+    fn describe_stats(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let s = &self.stats;
+        format!(
+            "xdp_rx_frames {}\nxdp_rx_ignored {}\nxdp_tx_frames {}\nxdp_tx_kicks {}\nxdp_tx_through_kernel {}\n",
+            g(&s.rx_frames),
+            g(&s.rx_ignored),
+            g(&s.tx_frames),
+            g(&s.tx_kicks),
+            g(&s.tx_kernel)
+        )
     }
 }

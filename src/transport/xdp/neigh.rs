@@ -2,10 +2,14 @@
 //! (`/proc/net/route`) and the neighbour (ARP) table (`/proc/net/arp`), both of the calling
 //! process's network namespace. The kernel keeps doing ARP on the interface, because the XDP
 //! filter passes ARP; when an entry is missing, one datagram through an ordinary socket to the
-//! next hop's discard port makes the kernel resolve it. Parsers are pure and tested.
+//! next hop's discard port makes the kernel resolve it. For IPv6: the routing table
+//! (`/proc/net/ipv6_route`) and the interface addresses (`/proc/net/if_inet6`); the IPv6
+//! neighbour table has no `/proc` file (only netlink), so an IPv6 peer's Ethernet address is
+//! learned from its frames, and until then datagrams to it go through the kernel's UDP socket,
+//! which does neighbour discovery (the filter passes ICMPv6). Parsers are pure and tested.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::transport::packet::Mac;
@@ -92,7 +96,7 @@ pub fn parse_mac(s: &str) -> Option<Mac> {
 #[derive(Debug)]
 pub enum NeighError {
     /// No route, or the route leaves through another interface.
-    NoRoute { dst: Ipv4Addr, via: Option<String> },
+    NoRoute { dst: IpAddr, via: Option<String> },
     /// The kernel did not resolve the next hop in time.
     Unresolved { hop: Ipv4Addr },
     Io(io::Error),
@@ -113,11 +117,101 @@ impl std::fmt::Display for NeighError {
 pub fn next_hop(dst: Ipv4Addr, iface: Option<&str>) -> Result<(Ipv4Addr, String), NeighError> {
     let text = std::fs::read_to_string("/proc/net/route").map_err(NeighError::Io)?;
     let routes = parse_routes(&text);
-    let r = lookup_route(&routes, dst).ok_or(NeighError::NoRoute { dst, via: None })?;
+    let r = lookup_route(&routes, dst).ok_or(NeighError::NoRoute { dst: dst.into(), via: None })?;
     if iface.is_some_and(|i| i != r.iface) {
-        return Err(NeighError::NoRoute { dst, via: Some(r.iface.clone()) });
+        return Err(NeighError::NoRoute { dst: dst.into(), via: Some(r.iface.clone()) });
     }
     Ok((r.gateway.unwrap_or(dst), r.iface.clone()))
+}
+
+/// One IPv6 route from `/proc/net/ipv6_route`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route6 {
+    pub iface: String,
+    pub dest: Ipv6Addr,
+    pub plen: u8,
+    pub next_hop: Option<Ipv6Addr>,
+    pub metric: u32,
+}
+
+const RTF_REJECT: u32 = 0x0200;
+
+fn hex_v6(h: &str) -> Option<Ipv6Addr> {
+    (h.len() == 32).then(|| u128::from_str_radix(h, 16).ok().map(Ipv6Addr::from)).flatten()
+}
+
+/// Parse `/proc/net/ipv6_route` (all tables). Routes that are not up, reject routes and routes
+/// through `lo` (the host's own addresses) are skipped.
+pub fn parse_routes6(text: &str) -> Vec<Route6> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 {
+            continue;
+        }
+        let (Some(dest), Ok(plen), Some(hop), Ok(metric), Ok(flags)) = (
+            hex_v6(f[0]),
+            u8::from_str_radix(f[1], 16),
+            hex_v6(f[4]),
+            u32::from_str_radix(f[5], 16),
+            u32::from_str_radix(f[8], 16),
+        ) else {
+            continue;
+        };
+        if flags & RTF_UP == 0 || flags & RTF_REJECT != 0 || f[9] == "lo" || plen > 128 {
+            continue;
+        }
+        let next_hop = (!hop.is_unspecified()).then_some(hop);
+        out.push(Route6 { iface: f[9].to_string(), dest, plen, next_hop, metric });
+    }
+    out
+}
+
+/// Longest prefix, then lowest metric.
+pub fn lookup_route6(routes: &[Route6], dst: Ipv6Addr) -> Option<&Route6> {
+    let mask = |plen: u8| if plen == 0 { 0 } else { u128::MAX << (128 - plen as u32) };
+    routes
+        .iter()
+        .filter(|r| u128::from(dst) & mask(r.plen) == u128::from(r.dest) & mask(r.plen))
+        .max_by(|a, b| a.plen.cmp(&b.plen).then(b.metric.cmp(&a.metric)))
+}
+
+/// The IPv6 next hop for `dst` if it leaves through `iface` (None: any interface).
+pub fn next_hop6(dst: Ipv6Addr, iface: Option<&str>) -> Result<(Ipv6Addr, String), NeighError> {
+    let text = std::fs::read_to_string("/proc/net/ipv6_route").map_err(NeighError::Io)?;
+    let routes = parse_routes6(&text);
+    let r = lookup_route6(&routes, dst).ok_or(NeighError::NoRoute { dst: dst.into(), via: None })?;
+    if iface.is_some_and(|i| i != r.iface) {
+        return Err(NeighError::NoRoute { dst: dst.into(), via: Some(r.iface.clone()) });
+    }
+    Ok((r.next_hop.unwrap_or(dst), r.iface.clone()))
+}
+
+/// Parse `/proc/net/if_inet6`: (address, prefix length, scope, interface).
+pub fn parse_if_inet6(text: &str) -> Vec<(Ipv6Addr, u8, u8, String)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 {
+            continue;
+        }
+        let (Some(a), Ok(plen), Ok(scope)) = (hex_v6(f[0]), u8::from_str_radix(f[2], 16), u8::from_str_radix(f[3], 16))
+        else {
+            continue;
+        };
+        out.push((a, plen, scope, f[5].to_string()));
+    }
+    out
+}
+
+/// The global-scope IPv6 addresses of `iface`.
+pub fn ipv6_addrs(iface: &str) -> io::Result<Vec<Ipv6Addr>> {
+    let text = match std::fs::read_to_string("/proc/net/if_inet6") {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()), // IPv6 disabled
+        Err(e) => return Err(e),
+    };
+    Ok(parse_if_inet6(&text).into_iter().filter(|(_, _, scope, i)| *scope == 0 && i == iface).map(|(a, ..)| a).collect())
 }
 
 /// The neighbour table's MAC for `hop` on `iface`, if complete.
@@ -175,6 +269,23 @@ mod tests {
         let def = lookup_route(&r, Ipv4Addr::new(8, 8, 8, 8)).unwrap();
         assert_eq!((def.iface.as_str(), def.gateway), ("eth0", Some(Ipv4Addr::new(192, 168, 1, 1))));
         assert!(lookup_route(&r[1..2], Ipv4Addr::new(10, 77, 2, 1)).is_none());
+    }
+
+    #[test]
+    fn ipv6_routes_and_addresses_parse() {
+        let t = "fd00007700000001000000000000000040 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 wx1\n                 fd000077000000010000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001 wx1\n                 00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 eth0\n                 fd000077000000010000000000000002 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001 lo\n                 00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200 lo\n";
+        let r = parse_routes6(t);
+        assert_eq!(r.len(), 2, "malformed, local and reject routes are skipped: {r:?}");
+        let on_link = lookup_route6(&r, "fd00:77:0:1::1".parse().unwrap()).unwrap();
+        assert_eq!((on_link.iface.as_str(), on_link.next_hop), ("wx1", None));
+        let def = lookup_route6(&r, "2001:db8::1".parse().unwrap()).unwrap();
+        assert_eq!((def.iface.as_str(), def.next_hop), ("eth0", Some("fe80::1".parse().unwrap())));
+        let a = parse_if_inet6(
+            "fd000077000000010000000000000002 05 40 00 80     wx1\n             fe80000000000000a8bbccfffedd0e0f 05 40 20 80     wx1\n             short\n",
+        );
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0], ("fd00:77:0:1::2".parse().unwrap(), 64, 0, "wx1".to_string()));
+        assert_eq!(a[1].2, 0x20, "link-local scope");
     }
 
     #[test]
