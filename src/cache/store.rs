@@ -20,7 +20,7 @@ use super::index::{Admit, ChunkRec, Evicted, FileMeta, Index};
 use super::layout::{self, data_path, hex, Record, Root};
 use super::writer::{self, WMsg};
 use super::{CacheConfig, Stats};
-use crate::chunk::{Cv, Geometry, VerifiedChunk};
+use crate::chunk::{Cv, Geometry, PieceCvs, VerifiedChunk, VerifiedSpan, PIECE_SIZE};
 use crate::sys::disk;
 use crate::sys::uring::{IoConfig, IoThread, Mode, Op};
 
@@ -240,6 +240,52 @@ impl Store {
             .collect()
     }
 
+    /// Pieces `first..first + n` of chunk `idx`, read alone and verified against the chunk's
+    /// piece CVs (from when it was verified whole); None is a miss (a damaged entry is dropped,
+    /// so the caller's whole-chunk path fetches it again).
+    pub fn load_span(&self, root: &Root, geom: &Geometry, pieces: &PieceCvs, first: usize, n: usize) -> Option<VerifiedSpan> {
+        let sh = &self.shared;
+        let idx = pieces.index();
+        let p = self.prepare(root, geom, idx)?;
+        let start = first * PIECE_SIZE;
+        let len = (p.rec.len as usize).saturating_sub(start).min(n * PIECE_SIZE);
+        if len == 0 {
+            return None;
+        }
+        let read_len = if p.direct { round_up(len, sh.align as usize) } else { len };
+        let (tx, rx) = sync_channel(1);
+        let op = Op::Read { file: p.file.clone(), offset: geom.chunk_offset(idx) + start as u64, len: read_len };
+        sh.io.submit(op, Box::new(move |r| drop(tx.send(r))));
+        let mut data = match rx.recv_timeout(READ_DEADLINE) {
+            Ok(Ok(d)) if d.len() >= len => d,
+            Ok(Ok(_)) => {
+                self.damaged(root, idx, "short read");
+                return None;
+            }
+            Ok(Err(e)) => {
+                self.damaged(root, idx, &format!("read error: {e}"));
+                return None;
+            }
+            Err(_) => {
+                Stats::add(&sh.stats.misses, 1);
+                return None;
+            }
+        };
+        data.truncate(len);
+        match VerifiedSpan::verify(geom, pieces, first, data) {
+            Ok(s) => {
+                Stats::add(&sh.stats.span_reads, 1);
+                Stats::add(&sh.stats.bytes_from_cache, len as u64);
+                Some(s)
+            }
+            Err(e) => {
+                Stats::add(&sh.stats.verify_failures, 1);
+                self.damaged(root, idx, &format!("failed BLAKE3 verification of pieces {first}..{} ({e})", first + n));
+                None
+            }
+        }
+    }
+
     /// The index entry and the open data file for a read of chunk `idx`; None is a miss.
     fn prepare(&self, root: &Root, geom: &Geometry, idx: u64) -> Option<Prepared> {
         let sh = &self.shared;
@@ -259,7 +305,7 @@ impl Store {
         };
         let len = rec.len as usize;
         let read_len = if direct { round_up(len, sh.align as usize) } else { len };
-        Some(Prepared { rec, file, read_len })
+        Some(Prepared { rec, file, read_len, direct })
     }
 
     /// Check what a read returned and make it a verified chunk; anything wrong is a miss (and a
@@ -449,6 +495,8 @@ struct Prepared {
     rec: ChunkRec,
     file: Arc<File>,
     read_len: usize,
+    /// The data file is open with O_DIRECT (reads are rounded up to the block).
+    direct: bool,
 }
 
 impl Prepared {

@@ -289,3 +289,33 @@ fn load_many_verifies_each_and_misses_what_is_absent_or_damaged() {
     }
     assert!(!s.contains(&f.root, 4), "the damaged entry was dropped");
 }
+
+#[test]
+fn a_span_of_pieces_is_read_alone_and_verified() {
+    let d = tempfile::tempdir().unwrap();
+    // 64 KiB chunks: four 16 KiB pieces each; the last chunk is 10,000 bytes (one short piece).
+    let f = TestFile::new(3 * 65536 + 10_000, 4);
+    let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+    f.fill(&s);
+    let whole = s.load(&f.root, &f.geom, 1, || Ok(f.cv(1))).unwrap();
+    let pieces = whole.pieces().unwrap().clone();
+    assert_eq!(pieces.len(), 4);
+    let span = s.load_span(&f.root, &f.geom, &pieces, 1, 2).unwrap();
+    assert_eq!(span.offset(), 65536 + 16384);
+    assert_eq!(span.bytes(), &f.slice(1)[16384..49152]);
+    let before = s.io_stats().0;
+    let last = s.load(&f.root, &f.geom, 3, || Ok(f.cv(3))).unwrap();
+    let lp = last.pieces().unwrap().clone();
+    assert_eq!(s.load_span(&f.root, &f.geom, &lp, 0, 1).unwrap().bytes(), f.slice(3));
+    assert!(s.io_stats().0 > before);
+    // Damage piece 3 of chunk 1: piece 0 still reads; piece 3 is a miss and drops the chunk.
+    {
+        use std::os::unix::fs::FileExt;
+        let file = OpenOptions::new().write(true).open(data_path(d.path(), &f.root)).unwrap();
+        file.write_all_at(b"zz", 65536 + 3 * 16384 + 5).unwrap();
+    }
+    assert_eq!(s.load_span(&f.root, &f.geom, &pieces, 0, 1).unwrap().bytes(), &f.slice(1)[..16384]);
+    assert!(s.load_span(&f.root, &f.geom, &pieces, 3, 1).is_none());
+    assert!(!s.contains(&f.root, 1), "the damaged chunk was dropped");
+    assert_eq!(s.stats().span_reads.load(Ordering::Relaxed), 3);
+}

@@ -12,6 +12,11 @@
 //!   These are the nodes a server stores ([`NodeSource`]); every other node of the tree lies on the right
 //!   spine and is computed by merging stored ones.
 //! - [`VerifiedChunk`]: bytes that were hashed and matched; the only thing the cache and readers accept.
+//! - *piece*: an aligned 16 KiB part of a chunk ([`PIECE_LOG2`]). For the same reason as chunks in a
+//!   file, the pieces of a chunk are complete subtrees and the chunk's CV is the left-balanced merge of
+//!   theirs. A chunk is verified through its pieces, and keeps their CVs ([`PieceCvs`]), so that later a
+//!   few pieces read back from disk can be verified alone ([`VerifiedSpan`]): a random 4 KiB read then
+//!   costs a 16 KiB read and hash instead of a whole chunk.
 
 pub mod pool;
 mod tree;
@@ -31,6 +36,11 @@ pub const MIN_CHUNK_LOG2: u8 = 10;
 pub const MAX_CHUNK_LOG2: u8 = 24;
 /// 256 KiB.
 pub const DEFAULT_CHUNK_LOG2: u8 = 18;
+/// 16 KiB pieces: at 256 KiB chunks, 512 bytes of piece CVs per chunk, and verifying a chunk through
+/// its pieces costs 8 % more than in one go (measured: 44.1 µs against 40.7 µs per 256 KiB; 4 KiB
+/// pieces cost 2.4x).
+pub const PIECE_LOG2: u8 = 14;
+pub const PIECE_SIZE: usize = 1 << PIECE_LOG2;
 
 /// How a file of `size` bytes is cut into chunks of `2^chunk_log2` bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +132,90 @@ pub fn chunk_cv(geom: &Geometry, index: u64, data: &[u8]) -> Cv {
 pub struct VerifiedChunk {
     index: u64,
     data: Arc<Pooled>,
+    /// The CVs of its pieces (chunks larger than a piece, in files of two chunks or more).
+    pieces: Option<PieceCvs>,
+}
+
+/// The piece CVs of a verified chunk. Only [`VerifiedChunk::verify`] makes them, so a
+/// [`VerifiedSpan`] checked against them is as good as the chunk.
+#[derive(Clone, Debug)]
+pub struct PieceCvs {
+    index: u64,
+    cvs: Arc<[Cv]>,
+}
+
+impl PieceCvs {
+    /// The chunk these are the pieces of.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// How many pieces.
+    pub fn len(&self) -> usize {
+        self.cvs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cvs.is_empty()
+    }
+}
+
+/// The CVs of the pieces of chunk `index` holding `data`; None when the chunk is not cut into
+/// pieces (chunk size of a piece or less, one-chunk files, data that cannot be that chunk).
+fn piece_cvs(geom: &Geometry, index: u64, data: &[u8]) -> Option<Vec<Cv>> {
+    if geom.chunk_log2 <= PIECE_LOG2 || geom.n_chunks() < 2 || data.is_empty() || data.len() as u64 > geom.chunk_size() {
+        return None;
+    }
+    let base = index.checked_mul(geom.chunk_size())?;
+    Some(
+        data.chunks(PIECE_SIZE)
+            .enumerate()
+            .map(|(i, p)| {
+                blake3::Hasher::new().set_input_offset(base + (i * PIECE_SIZE) as u64).update(p).finalize_non_root()
+            })
+            .collect(),
+    )
+}
+
+/// Bytes of whole pieces of one chunk, each hashed at its offset and matched against the piece
+/// CVs of that chunk as it was verified. What a partial read of the disk cache serves.
+pub struct VerifiedSpan {
+    /// File offset of the first byte.
+    offset: u64,
+    data: Vec<u8>,
+}
+
+impl VerifiedSpan {
+    /// Check `data` as pieces `first..` of chunk `pieces.index` (whole pieces; the last may be
+    /// short only if it is the chunk's last). `Mismatch` for wrong bytes or length, `OutOfRange`
+    /// for pieces the chunk does not have.
+    pub fn verify(geom: &Geometry, pieces: &PieceCvs, first: usize, data: Vec<u8>) -> Result<Self, ChunkError> {
+        let n = data.len().div_ceil(PIECE_SIZE);
+        if data.is_empty() || first.checked_add(n).is_none_or(|end| end > pieces.cvs.len()) {
+            return Err(ChunkError::OutOfRange);
+        }
+        let chunk_len = geom.chunk_len(pieces.index);
+        let start = first * PIECE_SIZE;
+        if data.len() != (chunk_len.saturating_sub(start)).min(n * PIECE_SIZE) {
+            return Err(ChunkError::Mismatch);
+        }
+        let offset = geom.chunk_offset(pieces.index) + start as u64;
+        for (i, p) in data.chunks(PIECE_SIZE).enumerate() {
+            let cv = blake3::Hasher::new().set_input_offset(offset + (i * PIECE_SIZE) as u64).update(p).finalize_non_root();
+            if blake3::Hash::from(cv) != blake3::Hash::from(pieces.cvs[first + i]) {
+                return Err(ChunkError::Mismatch);
+            }
+        }
+        Ok(VerifiedSpan { offset, data })
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 /// Chunk bytes that go back to the [`pool`] when the last holder lets go.
@@ -161,15 +255,22 @@ impl VerifiedChunk {
             }
         } else {
             let expected = expected.ok_or(ChunkError::BadProof)?;
+            let (cv, pieces) = match piece_cvs(geom, index, &data) {
+                Some(p) => (tree::from_leaves(&p, false), Some(PieceCvs { index, cvs: p.into() })),
+                None => (chunk_cv(geom, index, &data), None),
+            };
             // blake3::Hash compares in constant time.
-            if blake3::Hash::from(chunk_cv(geom, index, &data)) != blake3::Hash::from(*expected) {
+            if blake3::Hash::from(cv) != blake3::Hash::from(*expected) {
                 return Err(ChunkError::Mismatch);
             }
+            return Ok(VerifiedChunk { index, data: Arc::new(Pooled(data)), pieces });
         }
-        Ok(VerifiedChunk {
-            index,
-            data: Arc::new(Pooled(data)),
-        })
+        Ok(VerifiedChunk { index, data: Arc::new(Pooled(data)), pieces: None })
+    }
+
+    /// The CVs of this chunk's pieces, if it is cut into pieces.
+    pub fn pieces(&self) -> Option<&PieceCvs> {
+        self.pieces.as_ref()
     }
 
     pub fn index(&self) -> u64 {

@@ -561,3 +561,54 @@ proptest! {
         prop_assert_eq!(verify_leaves(n, first, &l, &proof, &r), Err(ChunkError::Mismatch));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A chunk verified through its pieces matches the one-pass CV (and so b3sum), and every
+    /// run of its pieces verifies alone; a flipped byte or a shifted run does not.
+    #[test]
+    fn pieces_verify_like_the_whole_chunk(size in 1u64..2_000_000, log2 in 15u8..=19, seed in any::<u64>(), pick in any::<u64>()) {
+        let geom = Geometry::new(size, log2).unwrap();
+        prop_assume!(geom.n_chunks() >= 2);
+        let bytes = data(size as usize, seed);
+        let leaves = leaf_cvs(&geom, &bytes);
+        let idx = pick % geom.n_chunks();
+        let off = geom.chunk_offset(idx) as usize;
+        let chunk = bytes[off..off + geom.chunk_len(idx)].to_vec();
+        let root = blake3::hash(&bytes);
+        let c = VerifiedChunk::verify(&geom, &root, idx, Some(&leaves[idx as usize]), chunk.clone()).unwrap();
+        let p = c.pieces().expect("a chunk larger than a piece has pieces").clone();
+        let np = chunk.len().div_ceil(PIECE_SIZE);
+        prop_assert_eq!(p.cvs.len(), np);
+        let first = (pick >> 32) as usize % np;
+        let n = 1 + (pick >> 16) as usize % (np - first);
+        let span = chunk[first * PIECE_SIZE..((first + n) * PIECE_SIZE).min(chunk.len())].to_vec();
+        let v = VerifiedSpan::verify(&geom, &p, first, span.clone()).unwrap();
+        prop_assert_eq!(v.offset(), (off + first * PIECE_SIZE) as u64);
+        prop_assert_eq!(v.bytes(), &span[..]);
+        let mut bad = span.clone();
+        let at = (pick as usize) % bad.len();
+        bad[at] ^= 1;
+        prop_assert!(VerifiedSpan::verify(&geom, &p, first, bad).is_err());
+        if np > 1 {
+            let other = if first == 0 { 1 } else { 0 };
+            prop_assert!(VerifiedSpan::verify(&geom, &p, other, span.clone()).is_err(), "the same bytes as another piece");
+        }
+        prop_assert!(VerifiedSpan::verify(&geom, &p, first, span[..span.len() - 1].to_vec()).is_err(), "short");
+        prop_assert!(VerifiedSpan::verify(&geom, &p, np, span).is_err(), "past the chunk");
+    }
+}
+
+#[test]
+fn small_chunks_and_one_chunk_files_have_no_pieces() {
+    let g = Geometry::new(3 * 16384, 14).unwrap();
+    let bytes = data(3 * 16384, 1);
+    let leaves = leaf_cvs(&g, &bytes);
+    let c = VerifiedChunk::verify(&g, &blake3::hash(&bytes), 1, Some(&leaves[1]), bytes[16384..32768].to_vec()).unwrap();
+    assert!(c.pieces().is_none());
+    let g = Geometry::new(100_000, 18).unwrap();
+    let bytes = data(100_000, 2);
+    let c = VerifiedChunk::verify(&g, &blake3::hash(&bytes), 0, None, bytes).unwrap();
+    assert!(c.pieces().is_none());
+}

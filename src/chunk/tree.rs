@@ -274,7 +274,7 @@ impl Verifier<'_> {
 }
 
 /// CV of the left-balanced subtree over `leaves` (root bytes if `is_root`; `is_root` needs >= 2 leaves).
-fn from_leaves(leaves: &[Cv], is_root: bool) -> Cv {
+pub(crate) fn from_leaves(leaves: &[Cv], is_root: bool) -> Cv {
     if leaves.len() == 1 {
         return leaves[0];
     }

@@ -11,7 +11,7 @@ use lru::LruCache;
 
 use super::flight::{ChunkKey, SingleFlight};
 use super::{Ctx, Fs, Handle, Source};
-use crate::chunk::{verify_leaves, Cv, VerifiedChunk};
+use crate::chunk::{verify_leaves, Cv, VerifiedChunk, VerifiedSpan, PIECE_LOG2};
 use crate::error::{Error, Result};
 use crate::proto::msg::{Request, Response};
 
@@ -21,6 +21,9 @@ pub const CV_BLOCK: u64 = 1024;
 /// A chunk or leaf block that fails verification is fetched again this many times, then EIO.
 const ATTEMPTS: u32 = 3;
 const PREFETCH_THREADS: usize = 12;
+/// Reads up to this size that are not sequential may be served from a few pieces of a chunk in
+/// the disk cache instead of the whole chunk.
+const SPAN_MAX: u64 = 64 << 10;
 
 #[derive(Default)]
 pub struct SeqState {
@@ -140,6 +143,8 @@ pub fn chunk(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<(VerifiedChunk, 
 /// Bytes for a reader: a window into one verified chunk (no copy), or bytes gathered from several.
 pub enum ReadData {
     Slice(VerifiedChunk, usize, usize),
+    /// A window into pieces of a chunk verified alone.
+    Span(VerifiedSpan, usize, usize),
     Owned(Vec<u8>),
 }
 
@@ -147,9 +152,32 @@ impl ReadData {
     pub fn bytes(&self) -> &[u8] {
         match self {
             ReadData::Slice(c, from, to) => &c.bytes()[*from..*to],
+            ReadData::Span(s, from, to) => &s.bytes()[*from..*to],
             ReadData::Owned(v) => v,
         }
     }
+}
+
+/// A small read that is not sequential, of a chunk that is not in memory but on disk and was
+/// verified before (its piece CVs are remembered): read and verify only the pieces it covers.
+fn span_read(fs: &Fs, h: &Handle, idx: u64, offset: u64, end: u64) -> Option<ReadData> {
+    let disk = fs.disk.as_ref()?;
+    let key = (h.info.root, idx);
+    if end - offset > SPAN_MAX || fs.chunks.contains(&key) {
+        return None;
+    }
+    let pieces = fs.chunks.pieces(&key)?;
+    let base = h.geom.chunk_offset(idx);
+    let first = ((offset - base) >> PIECE_LOG2) as usize;
+    let last = ((end - 1 - base) >> PIECE_LOG2) as usize;
+    let span = disk.load_span(&h.info.root, &h.geom, &pieces, first, last - first + 1)?;
+    let (from, to) = ((offset - span.offset()) as usize, (end - span.offset()) as usize);
+    if to > span.bytes().len() {
+        return None;
+    }
+    fs.counters.bytes_read.fetch_add((to - from) as u64, Ordering::Relaxed);
+    fs.note_source(h, Source::Cache);
+    Some(ReadData::Span(span, from, to))
 }
 
 pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Result<ReadData> {
@@ -191,6 +219,11 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
         fs.prefetch.push(Job::Disk(h.clone(), from_disk));
     }
     if first == last {
+        if window == 0 {
+            if let Some(r) = span_read(fs, h, first, offset, end) {
+                return Ok(r);
+            }
+        }
         let (chunk, s) = chunk(fs, ctx, h, first)?;
         let base = h.geom.chunk_offset(first);
         let (from, to) = ((offset - base) as usize, (end - base) as usize);

@@ -118,8 +118,36 @@ with open(sys.argv[2], "rb") as f:
     umount_ok warm "$M"
 fi
 
-# --- corruption ------------------------------------------------------------------------------
+# --- random small reads: a few verified pieces of a chunk, not the whole chunk ---------------
 flip() { printf '\x5a' | dd of="$1" bs=1 seek="$2" conv=notrunc status=none; }
+randread() {
+    timeout 120 python3 - "$1" "$2" "$3" <<'PY'
+import mmap, os, random, sys
+src, dst, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+a = open(src, "rb").read()
+fd = os.open(dst, os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 65536)
+r = random.Random(seed)
+for _ in range(400):
+    n = r.choice([4096, 8192, 16384, 32768, 65536])
+    off = r.randrange(0, len(a)) // 4096 * 4096
+    got = os.preadv(fd, [memoryview(buf)[:n]], off)
+    assert got == min(n, len(a) - off), (off, n, got)
+    assert buf[:got] == a[off:off + got], ("wrong bytes", off, n)
+PY
+}
+if cmount span "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
+    timeout 60 cat "$M/big.bin" >/dev/null # every chunk verified once: their piece CVs are known
+    check "span: 400 random O_DIRECT reads (4-64 KiB) read the right bytes" randread "$SRC/big.bin" "$M/big.bin" 1
+    expect "span: served from pieces of chunks in the disk cache" gt "$(stat_of "$M" cache_span_reads)" 100
+    SPAND=$(data_file "$CACHE" "$SRC/big.bin")
+    for at in 1 5 9 13 17 21; do flip "$SPAND" $((at * CHUNK + 3 * 16384 + 77)) 2>/dev/null; done
+    check "span: with six damaged pieces on disk, 400 more random reads are still right" randread "$SRC/big.bin" "$M/big.bin" 2
+    expect "span: the damage was detected" gt "$(stat_of "$M" cache_verify_failures)" 0
+    umount_ok span "$M"
+fi
+
+# --- corruption ------------------------------------------------------------------------------
 BIGD=$(data_file "$CACHE" "$SRC/big.bin")
 ONED=$(data_file "$CACHE" "$SRC/one.bin")
 TINYD=$(data_file "$CACHE" "$SRC/tiny.txt")
