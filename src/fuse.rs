@@ -328,11 +328,12 @@ impl Filesystem for WraithFuse {
                     full
                 }
                 None => {
-                    // "." and "..": no lookup count; attributes of this directory.
+                    // "." and "..": the kernel takes no lookup count for these names whatever the
+                    // node id, and shows the inode number to readdir(3) — which skips entries
+                    // numbered 0, so they carry this directory's number (as plain readdir does).
                     let Ok(a) = self.fs.getattr(ctx(req), ino.0) else { continue };
-                    let mut fa = fattr(ino.0, &a);
-                    fa.ino = INodeNo(0);
-                    reply.add(INodeNo(0), off, OsStr::from_bytes(&name), &Duration::ZERO, &fa, Generation(0))
+                    let fa = fattr(ino.0, &a);
+                    reply.add(ino, off, OsStr::from_bytes(&name), &Duration::ZERO, &fa, Generation(0))
                 }
             };
             if full {

@@ -285,6 +285,7 @@ suite_loopback() {
 
     check "loopback: every file equal to the source (names, types, sizes, links, bytes)" treecmp "$SRC" "$M"
     check "loopback: find listing equals the source's (spaces, UTF-8)" t_listing "$M"
+    check "loopback: ls -a shows . and .. like the source" bash -c "diff <(ls -a '$SRC/small') <(timeout 30 ls -a '$M/small')"
     check "loopback: b3sum of big.bin equals the source's" t_b3sum "$M/big.bin" "$BIG_B3"
     check "loopback: cmp chunk/size-$((2 * CHUNK + 7))" timeout 60 cmp "$SRC/chunk/size-$((2 * CHUNK + 7))" "$M/chunk/size-$((2 * CHUNK + 7))"
     for f in empty.txt chunk/size-1 "chunk/size-$((CHUNK - 1))" "chunk/size-$CHUNK" "chunk/size-$((CHUNK + 1))" \
