@@ -13,6 +13,9 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use crate::error::Error;
 use crate::sys::fs as sys;
@@ -124,6 +127,56 @@ struct Export {
 #[derive(Debug)]
 pub struct Exports {
     list: Vec<Export>,
+    /// Sorted names of directories listed recently, by the directory's identity and change time,
+    /// so that paging through a big directory reads and sorts it once, not once per page.
+    listings: Mutex<Listings>,
+}
+
+/// A directory as of one change: device, inode, mtime, ctime (any entry added, removed or renamed
+/// changes mtime and ctime).
+type DirKey = (u64, u64, i64, i64);
+
+/// Listings kept, bounded by the bytes of their names.
+struct Listings {
+    lru: LruCache<DirKey, Arc<Vec<Vec<u8>>>>,
+    bytes: usize,
+}
+
+/// Bytes of names kept in listings (plus a fixed cost per name).
+const LISTING_BYTES: usize = 32 << 20;
+const NAME_COST: usize = 32;
+/// A directory changed this recently is not kept: two changes within one timestamp tick would
+/// leave the same mtime, so the listing could miss the second.
+const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl std::fmt::Debug for Listings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Listings({} directories, {} bytes)", self.lru.len(), self.bytes)
+    }
+}
+
+impl Listings {
+    fn get(&mut self, k: &DirKey) -> Option<Arc<Vec<Vec<u8>>>> {
+        self.lru.get(k).cloned()
+    }
+
+    fn put(&mut self, k: DirKey, names: Arc<Vec<Vec<u8>>>) {
+        let cost = |v: &Vec<Vec<u8>>| v.iter().map(|n| n.len() + NAME_COST).sum::<usize>();
+        let c = cost(&names);
+        if c > LISTING_BYTES / 2 {
+            return;
+        }
+        if let Some(old) = self.lru.put(k, names) {
+            self.bytes -= cost(&old);
+        }
+        self.bytes += c;
+        while self.bytes > LISTING_BYTES {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= cost(&old),
+                None => break,
+            }
+        }
+    }
 }
 
 impl Exports {
@@ -177,7 +230,7 @@ impl Exports {
                 chunk_log2: spec.chunk_log2,
             });
         }
-        Ok(Exports { list })
+        Ok(Exports { list, listings: Mutex::new(Listings { lru: LruCache::unbounded(), bytes: 0 }) })
     }
 
     /// Share id of the export called `name`.
@@ -227,15 +280,28 @@ impl Exports {
             path,
             libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
         )?;
+        let da = attr_of(sys::fstat(fd.as_fd()).map_err(|e| Error::from_io(&e))?)?;
+        let key: DirKey = (da.dev, da.ino, da.mtime_ns, da.ctime_ns);
+        let cached = self.listings.lock().unwrap().get(&key);
         let mut dir = sys::DirReader::new(fd);
-        let mut names = Vec::new();
-        for e in dir.by_ref() {
-            let e = e.map_err(|e| Error::from_io(&e))?;
-            if e.name != b"." && e.name != b".." {
-                names.push(e.name);
+        let names = match cached {
+            Some(n) => n,
+            None => {
+                let mut names = Vec::new();
+                for e in dir.by_ref() {
+                    let e = e.map_err(|e| Error::from_io(&e))?;
+                    if e.name != b"." && e.name != b".." {
+                        names.push(e.name);
+                    }
+                }
+                names.sort_unstable();
+                let names = Arc::new(names);
+                if !changed_lately(da.mtime_ns.max(da.ctime_ns)) {
+                    self.listings.lock().unwrap().put(key, names.clone());
+                }
+                names
             }
-        }
-        names.sort_unstable();
+        };
 
         let start = usize::try_from(cookie).unwrap_or(usize::MAX);
         let mut out = Vec::new();
@@ -251,7 +317,7 @@ impl Exports {
             match sys::fstatat_nofollow(dir.as_fd(), &cname) {
                 Ok(st) => {
                     out.push(DirEntry {
-                        name: std::mem::take(&mut names[i]),
+                        name: names[i].clone(),
                         attr: attr_of(st)?,
                     });
                     used += cost;
@@ -365,6 +431,12 @@ fn check_regular(kind: FileKind) -> Result<(), Error> {
         FileKind::Dir => Err(Error::IsDir),
         _ => Err(Error::Invalid),
     }
+}
+
+/// True if `ns` (a timestamp, ns since the epoch) is within [`RACY`] of now, or in the future.
+fn changed_lately(ns: i64) -> bool {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(i64::MAX, |d| d.as_nanos() as i64);
+    now.saturating_sub(ns) < RACY.as_nanos() as i64
 }
 
 fn attr_of(st: sys::Stat) -> Result<Attr, Error> {

@@ -489,3 +489,41 @@ fn rename_race_never_escapes_to_sibling_dir() {
     std::fs::write(outside.path().join("f"), b"SECRET").unwrap();
     rename_race(outside.path(), "f");
 }
+
+#[test]
+fn a_directory_listing_is_sorted_once_and_a_change_is_seen() {
+    let fx = Fixture::new();
+    std::fs::create_dir(fx.p("big")).unwrap();
+    for i in 0..300 {
+        std::fs::write(fx.p(&format!("big/f{i:03}")), b"").unwrap();
+    }
+    // Changed within RACY: not kept, but listed right.
+    let (all, _) = fx.ex.readdir(0, b"big", 0, usize::MAX).unwrap();
+    assert_eq!(all.len(), 300);
+    assert_eq!(fx.ex.listings.lock().unwrap().lru.len(), 0);
+    std::thread::sleep(RACY + std::time::Duration::from_millis(100));
+    // Paged: one read and sort of the directory, kept.
+    let mut got = Vec::new();
+    let mut cookie = 0;
+    loop {
+        let (page, next) = fx.ex.readdir(0, b"big", cookie, 1000).unwrap();
+        got.extend(page.into_iter().map(|e| e.name));
+        match next {
+            Some(c) => cookie = c,
+            None => break,
+        }
+    }
+    assert_eq!(got.len(), 300);
+    assert!(got.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(fx.ex.listings.lock().unwrap().lru.len(), 1);
+    // A new entry changes the directory's times: the next listing has it.
+    std::fs::write(fx.p("big/a-new"), b"").unwrap();
+    let (all, _) = fx.ex.readdir(0, b"big", 0, usize::MAX).unwrap();
+    assert_eq!(all.len(), 301);
+    assert_eq!(all[0].name, b"a-new");
+    // A removed one vanishes too.
+    std::fs::remove_file(fx.p("big/f000")).unwrap();
+    let (all, _) = fx.ex.readdir(0, b"big", 0, usize::MAX).unwrap();
+    assert_eq!(all.len(), 300);
+    assert!(all.iter().all(|e| e.name != b"f000"));
+}
