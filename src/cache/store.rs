@@ -252,12 +252,18 @@ impl Store {
         if len == 0 {
             return None;
         }
-        let read_len = if p.direct { round_up(len, sh.align as usize) } else { len };
+        // O_DIRECT: start and length on the block (a piece boundary is one unless the device's
+        // block is larger than a piece); the extra bytes in front are cut off below.
+        let lead = if p.direct { start % sh.align as usize } else { 0 };
+        let read_len = if p.direct { round_up(lead + len, sh.align as usize) } else { len };
         let (tx, rx) = sync_channel(1);
-        let op = Op::Read { file: p.file.clone(), offset: geom.chunk_offset(idx) + start as u64, len: read_len };
+        let op = Op::Read { file: p.file.clone(), offset: geom.chunk_offset(idx) + (start - lead) as u64, len: read_len };
         sh.io.submit(op, Box::new(move |r| drop(tx.send(r))));
         let mut data = match rx.recv_timeout(READ_DEADLINE) {
-            Ok(Ok(d)) if d.len() >= len => d,
+            Ok(Ok(mut d)) if d.len() >= lead + len => {
+                d.drain(..lead);
+                d
+            }
             Ok(Ok(_)) => {
                 self.damaged(root, idx, "short read");
                 return None;

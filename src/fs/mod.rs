@@ -305,6 +305,8 @@ impl Fs {
                     }
                     *off = Some(Instant::now());
                 }
+                // The caller gave up (Ctrl-C): says nothing about the server.
+                Err(Error::Interrupted) => {}
                 _ => *off = None,
             }
             drop(off);
@@ -369,7 +371,10 @@ impl Fs {
         }
         let path = join(&self.node_path(parent)?, name);
         let cached = self.inodes.lock().unwrap().find(&path);
-        let cached = cached.or_else(|| self.known.lock().unwrap().known(&path).map(|k| k.0));
+        let cached = cached.or_else(|| {
+            let mut k = self.known.lock().unwrap();
+            k.known(&path).map(|k| k.0).or_else(|| k.listed(&path))
+        });
         let attr = match self.call_unless_offline(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024, cached.is_some()) {
             Ok(Response::Attr(a)) => {
                 self.learn(&path, a, None);
@@ -461,11 +466,7 @@ impl Fs {
         let req = Request::ReadDir { share: self.share(), path: path.clone(), cookie, max_bytes: max_bytes.max(4096) };
         let entries = match self.call_unless_offline(ctx, &req, max_bytes as u64, have) {
             Ok(Response::Dir { entries, next }) => {
-                let mut k = self.known.lock().unwrap();
-                for e in &entries {
-                    k.learn(&join(&path, &e.name), e.attr, None);
-                }
-                k.put_page(&path, cookie, entries.clone(), next);
+                self.known.lock().unwrap().put_page(&path, cookie, entries.clone(), next);
                 entries
             }
             Ok(_) => return Err(Error::Invalid),

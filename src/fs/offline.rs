@@ -22,13 +22,18 @@ const ENTRY_COST: usize = 128;
 /// Symlink targets remembered.
 const LINKS: usize = 4096;
 
-/// The pages of one directory listing, by the cookie each starts at.
+/// What is known of one directory's listing: entries by their position (the server's cookie),
+/// whatever pages they came in (the kernel's buffer, not the server's page, decides where the next
+/// request starts, so pages overlap), and where the listing ends, once seen.
 #[derive(Default)]
 struct Listing {
-    pages: BTreeMap<u64, (Vec<DirEntry>, Option<u64>)>,
+    entries: BTreeMap<u64, DirEntry>,
+    end: Option<u64>,
     bytes: usize,
 }
 
+/// Entries served from one offline listing request at most.
+const OFFLINE_PAGE: usize = 1024;
 pub struct Remembered {
     known: LruCache<Vec<u8>, Known>,
     dirs: LruCache<Vec<u8>, Listing>,
@@ -39,8 +44,8 @@ pub struct Remembered {
     dirty: bool,
 }
 
-fn cost(entries: &[DirEntry]) -> usize {
-    entries.iter().map(|e| e.name.len() + ENTRY_COST).sum()
+fn cost(e: &DirEntry) -> usize {
+    e.name.len() + ENTRY_COST
 }
 
 impl Default for Remembered {
@@ -73,30 +78,58 @@ impl Remembered {
         self.known.get(path).copied()
     }
 
-    /// One page of `path`'s listing. A page from cookie 0 starts a new listing: older pages of
-    /// the directory are dropped so that offline a listing is never a mix of two.
+    /// One page of `path`'s listing: `entries` from position `cookie`, then `next` (None: the
+    /// end). A first page that differs from what is known starts the listing anew, so that offline
+    /// a listing is never a mix of two versions of the directory; the same listing again changes
+    /// nothing (and does not make the snapshot dirty).
     pub fn put_page(&mut self, path: &[u8], cookie: u64, entries: Vec<DirEntry>, next: Option<u64>) {
-        let add = cost(&entries);
-        if add > PAGE_BYTES / 4 {
+        if entries.iter().map(cost).sum::<usize>() > PAGE_BYTES / 4 {
             return;
         }
         if self.dirs.peek(path).is_none() {
             self.dirs.put(path.to_vec(), Listing::default());
         }
         let l = self.dirs.get_mut(path).unwrap();
-        if cookie == 0 {
-            self.dir_bytes -= l.bytes;
-            l.pages.clear();
+        let before = l.bytes;
+        let mut changed = false;
+        if cookie == 0 && entries.iter().enumerate().any(|(i, e)| l.entries.get(&(i as u64)) != Some(e)) {
+            changed |= !l.entries.is_empty() || l.end.is_some();
+            l.entries.clear();
+            l.end = None;
             l.bytes = 0;
         }
-        if let Some((old, _)) = l.pages.insert(cookie, (entries, next)) {
-            let c = cost(&old);
-            l.bytes -= c;
-            self.dir_bytes -= c;
+        let n = entries.len() as u64;
+        for (i, e) in entries.into_iter().enumerate() {
+            let at = cookie + i as u64;
+            if l.entries.get(&at) != Some(&e) {
+                changed = true;
+                l.bytes += cost(&e);
+                if let Some(old) = l.entries.insert(at, e) {
+                    l.bytes -= cost(&old);
+                }
+            }
         }
-        l.bytes += add;
-        self.dir_bytes += add;
-        self.dirty = true;
+        match next {
+            None => {
+                let end = cookie + n;
+                if l.end != Some(end) {
+                    l.end = Some(end);
+                    changed = true;
+                }
+                // Anything past the end is from an older, longer listing.
+                for (_, e) in l.entries.split_off(&end) {
+                    l.bytes -= cost(&e);
+                    changed = true;
+                }
+            }
+            Some(c) if l.end.is_some_and(|e| e < c) => {
+                l.end = None;
+                changed = true;
+            }
+            Some(_) => {}
+        }
+        self.dir_bytes = self.dir_bytes + l.bytes - before;
+        self.dirty |= changed;
         while self.dir_bytes > PAGE_BYTES {
             match self.dirs.pop_lru() {
                 Some((_, l)) => self.dir_bytes -= l.bytes,
@@ -105,12 +138,40 @@ impl Remembered {
         }
     }
 
+    /// The known entries of `path` from position `cookie` on (consecutive ones, up to
+    /// [`OFFLINE_PAGE`]) and the next cookie (None: the end). None if nothing is known there.
     pub fn page(&mut self, path: &[u8], cookie: u64) -> Option<(Vec<DirEntry>, Option<u64>)> {
-        self.dirs.get(path).and_then(|l| l.pages.get(&cookie)).cloned()
+        let l = self.dirs.get(path)?;
+        if l.end == Some(cookie) {
+            return Some((Vec::new(), None));
+        }
+        let mut out = Vec::new();
+        for (&at, e) in l.entries.range(cookie..) {
+            if at != cookie + out.len() as u64 || out.len() == OFFLINE_PAGE || l.end.is_some_and(|end| at >= end) {
+                break;
+            }
+            out.push(e.clone());
+        }
+        if out.is_empty() {
+            return None;
+        }
+        let next = cookie + out.len() as u64;
+        Some((out, (l.end != Some(next)).then_some(next)))
     }
 
     pub fn has_page(&self, path: &[u8], cookie: u64) -> bool {
-        self.dirs.peek(path).is_some_and(|l| l.pages.contains_key(&cookie))
+        self.dirs.peek(path).is_some_and(|l| l.end == Some(cookie) || l.entries.contains_key(&cookie))
+    }
+
+    /// What a listing of the parent directory said about `path` (offline lookups of names that
+    /// were listed but never looked up).
+    pub fn listed(&self, path: &[u8]) -> Option<Attr> {
+        let (parent, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], path),
+        };
+        let l = self.dirs.peek(parent)?;
+        l.entries.values().find(|e| e.name == name).map(|e| e.attr)
     }
 
     pub fn put_link(&mut self, path: &[u8], target: &[u8]) {
@@ -145,8 +206,26 @@ impl Remembered {
         let known = self.known.iter().rev().map(|(p, (a, i))| (p.clone(), *a, *i)).collect();
         let mut pages = Vec::new();
         for (path, l) in self.dirs.iter().rev() {
-            for (cookie, (entries, next)) in &l.pages {
-                pages.push(Page { path: path.clone(), cookie: *cookie, entries: entries.clone(), next: *next });
+            // Runs of consecutive entries, each a page.
+            let mut run: Option<Page> = None;
+            for (&at, e) in &l.entries {
+                match &mut run {
+                    Some(p) if p.cookie + p.entries.len() as u64 == at => p.entries.push(e.clone()),
+                    _ => {
+                        if let Some(mut p) = run.take() {
+                            p.next = Some(p.cookie + p.entries.len() as u64);
+                            pages.push(p);
+                        }
+                        run = Some(Page { path: path.clone(), cookie: at, entries: vec![e.clone()], next: None });
+                    }
+                }
+            }
+            if let Some(mut p) = run {
+                let after = p.cookie + p.entries.len() as u64;
+                p.next = (l.end != Some(after)).then_some(after);
+                pages.push(p);
+            } else if let Some(end) = l.end {
+                pages.push(Page { path: path.clone(), cookie: end, entries: Vec::new(), next: None });
             }
         }
         let links = self.links.iter().rev().map(|(p, t)| (p.clone(), t.clone())).collect();
@@ -213,13 +292,52 @@ mod tests {
     }
 
     #[test]
-    fn a_new_listing_replaces_the_old_pages() {
+    fn overlapping_pages_cost_once_and_any_cookie_is_served() {
         let mut r = Remembered::default();
-        r.put_page(b"d", 0, entries(2), Some(2));
-        r.put_page(b"d", 2, entries(1), None);
-        r.put_page(b"d", 0, entries(3), None);
-        assert!(r.page(b"d", 2).is_none());
-        assert_eq!(r.page(b"d", 0).unwrap().0.len(), 3);
+        let all = entries(500);
+        // The kernel's buffer ends mid-page: each request starts inside the previous page.
+        let mut cookie = 0u64;
+        while cookie < 500 {
+            let end = (cookie + 100).min(500);
+            let next = (end < 500).then_some(end);
+            r.put_page(b"d", cookie, all[cookie as usize..end as usize].to_vec(), next);
+            cookie += 37;
+        }
+        let one: usize = all.iter().map(cost).sum();
+        assert_eq!(r.dir_bytes, one, "every entry counted once");
+        let (got, next) = r.page(b"d", 123).unwrap();
+        assert_eq!(got, all[123..].to_vec());
+        assert_eq!(next, None);
+        assert_eq!(r.page(b"d", 500), Some((Vec::new(), None)), "the end");
+        assert!(r.has_page(b"d", 499) && r.has_page(b"d", 500) && !r.has_page(b"d", 501));
+    }
+
+    #[test]
+    fn a_changed_listing_replaces_the_old_one_and_the_same_one_is_not_a_change() {
+        let mut r = Remembered::default();
+        r.put_page(b"d", 0, entries(5), None);
+        r.dirty = false;
+        r.put_page(b"d", 0, entries(5), None);
+        assert!(!r.dirty, "the same listing again");
+        // Shorter now, with a different first entry.
+        let mut e = entries(3);
+        e[0].name = b"aaa".to_vec();
+        r.put_page(b"d", 0, e.clone(), None);
+        assert!(r.dirty);
+        assert_eq!(r.page(b"d", 0).unwrap(), (e, None));
+        assert_eq!(r.page(b"d", 3), Some((Vec::new(), None)));
+        assert!(r.page(b"d", 4).is_none(), "nothing from the older, longer listing");
+        assert_eq!(r.dir_bytes, r.dirs.peek(b"d".as_slice()).unwrap().bytes);
+    }
+
+    #[test]
+    fn a_listed_name_can_be_looked_up() {
+        let mut r = Remembered::default();
+        r.put_page(b"sub", 0, entries(3), None);
+        assert_eq!(r.listed(b"sub/name-000001"), Some(attr(1)));
+        assert_eq!(r.listed(b"sub/other"), None);
+        r.put_page(b"", 0, entries(1), None);
+        assert_eq!(r.listed(b"name-000000"), Some(attr(0)));
     }
 
     #[test]

@@ -60,6 +60,7 @@ for i in range(6):
     put(f"crash{i}.bin", 2 * 1048576 + 1000 * i)
 PY
 ln -s big.bin "$SRC/link"
+mkdir -p "$SRC/many" && (cd "$SRC/many" && for i in $(seq -w 1 600); do : >"entry-with-a-longish-name-$i"; done)
 
 PORT=$(free_udp_port)
 SERVE_ARGS=(--key "$KEY" --state-dir "$WORK/state" --export "tree=$SRC")
@@ -260,6 +261,7 @@ fi
 if cmount known "$M" "$OPTS"; then
     # Walk the tree and read what should stay readable (the unmount saves what the mount knows).
     timeout 30 ls -lR "$M" >/dev/null
+    timeout 30 ls "$M/many" >/dev/null # plain listing: its pages end elsewhere than ls -l's
     check "offline mount: reads before" bash -c "timeout 60 cat '$M/big.bin' '$M/tiny.txt' '$M/empty' >/dev/null && timeout 10 readlink '$M/link' >/dev/null && timeout 10 df '$M' >/dev/null"
     umount_ok known "$M"
 fi
@@ -274,6 +276,8 @@ if cmount offmount "$M" "$OPTS,timeout=2"; then
     check "offline mount: b3sum of it matches" bash -c "[ \"\$(timeout 60 b3sum --no-names '$M/big.bin')\" = \"\$(b3sum --no-names '$SRC/big.bin')\" ]"
     check "offline mount: a small file and an empty one read" bash -c "timeout 30 cmp '$SRC/tiny.txt' '$M/tiny.txt' && timeout 30 cmp '$SRC/empty' '$M/empty'"
     expect "offline mount: readlink" eq "$(timeout 10 readlink "$M/link")" big.bin
+    expect "offline mount: ls -l of a 600-entry directory lists every name" \
+        eq "$(timeout 30 ls -l "$M/many" | awk 'NR > 1 { print $NF }' | tr '\n' ' ')" "$(ls "$SRC/many" | tr '\n' ' ')"
     check "offline mount: df answers" timeout 10 df "$M"
     check_fails "offline mount: a file never read fails at the deadline" timeout 30 cat "$M/ev1.bin"
     sleep 11 # well past attr_timeout: every name is asked for again

@@ -192,7 +192,10 @@ impl XdpIo {
                 }
             }
         };
-        let reserve = UdpSocket::bind(bind).map_err(|e| err(format!("cannot reserve UDP {bind}: {e}")))?;
+        // Bound to the chosen address: what it sends (an IPv6 peer not resolved yet) leaves from
+        // the address the AF_XDP socket answers on.
+        let reserve_at = SocketAddr::new(ip, bind.port());
+        let reserve = UdpSocket::bind(reserve_at).map_err(|e| err(format!("cannot reserve UDP {reserve_at}: {e}")))?;
         let port = reserve.local_addr().map_err(|e| err(e.to_string()))?.port();
         // A wraith process that is exiting (say, the mount just unmounted) still holds the
         // program for a moment: wait for it, bounded, before calling the interface taken.
@@ -299,6 +302,11 @@ impl XdpIo {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
         };
+        // The source address the kernel would pick for `peer` (its rules: scope, longest
+        // matching prefix, no deprecated or tentative addresses), so that both paths agree.
+        let src = UdpSocket::bind(any)
+            .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
+            .map_err(|e| XdpError(format!("no source address for {peer}: {e}")))?;
         if opts.iface.is_empty() {
             opts.iface = match peer.ip() {
                 IpAddr::V4(a) => neigh::next_hop(a, None).map(|h| h.1),
@@ -306,7 +314,7 @@ impl XdpIo {
             }
             .map_err(|e| XdpError(e.to_string()))?;
         }
-        let io = XdpIo::open(&opts, any)?;
+        let io = XdpIo::open(&opts, SocketAddr::new(src.ip(), 0))?;
         io.resolve_peer(peer, Duration::from_secs(3))?;
         Ok(io)
     }

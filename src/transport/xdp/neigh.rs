@@ -187,7 +187,10 @@ pub fn next_hop6(dst: Ipv6Addr, iface: Option<&str>) -> Result<(Ipv6Addr, String
     Ok((r.next_hop.unwrap_or(dst), r.iface.clone()))
 }
 
-/// Parse `/proc/net/if_inet6`: (address, prefix length, scope, interface).
+/// `if_inet6` flags of addresses not to use: DAD failed, deprecated, tentative.
+const IFA_UNUSABLE: u32 = 0x08 | 0x20 | 0x40;
+
+/// Parse `/proc/net/if_inet6`: (address, prefix length, scope, interface) of usable addresses.
 pub fn parse_if_inet6(text: &str) -> Vec<(Ipv6Addr, u8, u8, String)> {
     let mut out = Vec::new();
     for line in text.lines() {
@@ -195,10 +198,14 @@ pub fn parse_if_inet6(text: &str) -> Vec<(Ipv6Addr, u8, u8, String)> {
         if f.len() < 6 {
             continue;
         }
-        let (Some(a), Ok(plen), Ok(scope)) = (hex_v6(f[0]), u8::from_str_radix(f[2], 16), u8::from_str_radix(f[3], 16))
+        let (Some(a), Ok(plen), Ok(scope), Ok(flags)) =
+            (hex_v6(f[0]), u8::from_str_radix(f[2], 16), u8::from_str_radix(f[3], 16), u32::from_str_radix(f[4], 16))
         else {
             continue;
         };
+        if flags & IFA_UNUSABLE != 0 {
+            continue;
+        }
         out.push((a, plen, scope, f[5].to_string()));
     }
     out
@@ -281,9 +288,9 @@ mod tests {
         let def = lookup_route6(&r, "2001:db8::1".parse().unwrap()).unwrap();
         assert_eq!((def.iface.as_str(), def.next_hop), ("eth0", Some("fe80::1".parse().unwrap())));
         let a = parse_if_inet6(
-            "fd000077000000010000000000000002 05 40 00 80     wx1\n             fe80000000000000a8bbccfffedd0e0f 05 40 20 80     wx1\n             short\n",
+            "fd000077000000010000000000000002 05 40 00 80     wx1\n             fe80000000000000a8bbccfffedd0e0f 05 40 20 80     wx1\n             fd000077000000010000000000000009 05 40 00 c0     wx1\n             fd00007700000001000000000000000a 05 40 00 a0     wx1\n             short\n",
         );
-        assert_eq!(a.len(), 2);
+        assert_eq!(a.len(), 2, "tentative and deprecated addresses are skipped");
         assert_eq!(a[0], ("fd00:77:0:1::2".parse().unwrap(), 64, 0, "wx1".to_string()));
         assert_eq!(a[1].2, 0x20, "link-local scope");
     }
