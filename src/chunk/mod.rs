@@ -288,6 +288,11 @@ impl VerifiedChunk {
     pub fn is_empty(&self) -> bool {
         self.data.0.is_empty()
     }
+
+    /// Bytes of memory it holds (a recycled buffer may be larger than the chunk).
+    pub fn mem_cost(&self) -> usize {
+        self.data.0.capacity() + self.pieces.as_ref().map_or(0, |p| p.cvs.len() * 32)
+    }
 }
 
 impl fmt::Debug for VerifiedChunk {

@@ -107,17 +107,17 @@ impl ChunkLru {
         }
         let mut g = self.inner.lock().unwrap();
         let (lru, bytes) = &mut *g;
-        let n = c.len() as u64;
+        let n = c.mem_cost() as u64;
         if n > self.limit {
             return;
         }
         if let Some((old, _)) = lru.put(k, (c, src)) {
-            *bytes -= old.len() as u64;
+            *bytes -= old.mem_cost() as u64;
         }
         *bytes += n;
         while *bytes > self.limit {
             match lru.pop_lru() {
-                Some((_, (old, _))) => *bytes -= old.len() as u64,
+                Some((_, (old, _))) => *bytes -= old.mem_cost() as u64,
                 None => break,
             }
         }
