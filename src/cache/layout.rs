@@ -6,6 +6,9 @@
 //! <dir>/data/<hh>/<root hex>     one sparse file per file version (its BLAKE3 root): chunk i at
 //!                                offset i * chunk_size, exactly the file's bytes where present,
 //!                                holes elsewhere; the file's size is the real file size
+//! <dir>/data/<hh>/<root hex>.pcv the 16 KiB piece values of each present chunk (see
+//!                                [`pieces_path`]); checked against the proven leaf before use
+//! <dir>/meta/<id>                what a mount knew about names (`cache::meta`)
 //! ```
 //!
 //! Journal header (64 bytes): magic `WRAITHCJ`, version u32 LE, record length u32 LE, 40 zero
@@ -159,6 +162,23 @@ pub fn hex(root: &Root) -> String {
 pub fn data_path(dir: &Path, root: &Root) -> PathBuf {
     let h = hex(root);
     dir.join("data").join(&h[..2]).join(h)
+}
+
+/// Beside each data file, the piece values of its chunks (`chunk::PieceCvs`): chunk `i`'s at
+/// offset `i * (chunk size / 16 KiB) * 32`, 32 bytes per piece, holes elsewhere. Written after the
+/// chunk's data; trusted only after they merge into the chunk's proven leaf value.
+pub fn pieces_path(dir: &Path, root: &Root) -> PathBuf {
+    let mut p = data_path(dir, root).into_os_string();
+    p.push(PIECES_SUFFIX);
+    p.into()
+}
+
+pub const PIECES_SUFFIX: &str = ".pcv";
+
+/// Offset of chunk `idx`'s piece values in its pieces file.
+pub fn pieces_offset(chunk_log2: u8, idx: u64) -> u64 {
+    let per_chunk = (1u64 << chunk_log2.saturating_sub(crate::chunk::PIECE_LOG2)) * 32;
+    idx.saturating_mul(per_chunk)
 }
 
 /// The root a data file name stands for (None for foreign names).

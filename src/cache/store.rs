@@ -240,6 +240,25 @@ impl Store {
             .collect()
     }
 
+    /// The piece values of chunk `idx` stored beside its data, if the chunk is present, the file's
+    /// stored leaf values are proven against its root, and they merge into the chunk's leaf value.
+    pub fn stored_pieces(&self, root: &Root, geom: &Geometry, idx: u64) -> Option<PieceCvs> {
+        use std::os::unix::fs::FileExt;
+        let n = crate::chunk::pieces_in(geom, idx)?;
+        let leaf = {
+            let mut ix = self.shared.index.lock().unwrap();
+            let rec = ix.lookup(root, idx).filter(|_| ix.meta(root) == Some(meta_of(geom)))?;
+            if !ix.proven(root) {
+                return None;
+            }
+            rec.cv
+        };
+        let f = File::open(layout::pieces_path(&self.shared.dir, root)).ok()?;
+        let mut buf = vec![0u8; n * 32];
+        f.read_exact_at(&mut buf, layout::pieces_offset(geom.chunk_log2, idx)).ok()?;
+        PieceCvs::from_stored(geom, idx, &buf, &leaf)
+    }
+
     /// Pieces `first..first + n` of chunk `idx`, read alone and verified against the chunk's
     /// piece CVs (from when it was verified whole); None is a miss (a damaged entry is dropped,
     /// so the caller's whole-chunk path fetches it again).
@@ -563,6 +582,13 @@ fn reconcile(dir: &Path, ix: &mut Index, evicted: &[Evicted]) {
         let files = std::fs::read_dir(sub.path()).into_iter().flatten().flatten();
         for f in files {
             let name = f.file_name();
+            // A pieces file stays while its file version is known.
+            if let Some(base) = name.to_str().and_then(|n| n.strip_suffix(layout::PIECES_SUFFIX)) {
+                if layout::root_of_name(base).is_none_or(|r| ix.meta(&r).is_none()) {
+                    let _ = std::fs::remove_file(f.path());
+                }
+                continue;
+            }
             let root = name.to_str().and_then(layout::root_of_name);
             match root.and_then(|r| ix.meta(&r).map(|m| (r, m))) {
                 None => {
@@ -579,11 +605,13 @@ fn reconcile(dir: &Path, ix: &mut Index, evicted: &[Evicted]) {
     for r in known.iter().filter(|r| !seen.contains(*r)) {
         tracing::warn!(file = %hex(r), "disk cache data file is missing; forgetting its chunks");
         ix.remove_file(r);
+        let _ = std::fs::remove_file(layout::pieces_path(dir, r));
     }
     for e in evicted {
         let p = data_path(dir, &e.root);
         if e.file_empty {
             let _ = std::fs::remove_file(&p);
+            let _ = std::fs::remove_file(layout::pieces_path(dir, &e.root));
         } else if let Ok(f) = OpenOptions::new().write(true).open(&p) {
             let g = Geometry { size: e.meta.size, chunk_log2: e.meta.chunk_log2 };
             let _ = disk::punch_hole(&f, g.chunk_offset(e.idx), g.chunk_size());

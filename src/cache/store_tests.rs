@@ -319,3 +319,35 @@ fn a_span_of_pieces_is_read_alone_and_verified() {
     assert!(!s.contains(&f.root, 1), "the damaged chunk was dropped");
     assert_eq!(s.stats().span_reads.load(Ordering::Relaxed), 3);
 }
+
+#[test]
+fn piece_values_are_stored_beside_the_data_and_survive_a_reopen() {
+    let d = tempfile::tempdir().unwrap();
+    let f = TestFile::new(3 * 65536 + 10_000, 5);
+    {
+        let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+        f.fill(&s);
+    }
+    let pcv = layout::pieces_path(d.path(), &f.root);
+    assert!(pcv.exists(), "written with the data");
+    // A stray pieces file of an unknown version is removed at start.
+    let stray = layout::pieces_path(d.path(), &[7; 32]);
+    std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
+    std::fs::write(&stray, b"x").unwrap();
+    let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+    assert!(!stray.exists());
+    assert!(pcv.exists(), "kept for a known version");
+    for i in 0..4 {
+        let p = s.stored_pieces(&f.root, &f.geom, i).expect("stored and proven");
+        let span = s.load_span(&f.root, &f.geom, &p, 0, 1).unwrap();
+        assert_eq!(span.bytes(), &f.slice(i)[..f.slice(i).len().min(16384)]);
+    }
+    // Damaged values are refused (the caller reads the whole chunk instead).
+    {
+        use std::os::unix::fs::FileExt;
+        let file = OpenOptions::new().write(true).open(&pcv).unwrap();
+        file.write_all_at(b"zz", layout::pieces_offset(LOG2, 2) + 3).unwrap();
+    }
+    assert!(s.stored_pieces(&f.root, &f.geom, 2).is_none());
+    assert!(s.stored_pieces(&f.root, &f.geom, 1).is_some());
+}

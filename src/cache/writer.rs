@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::Arc;
 
 use super::index::{ChunkRec, Evicted, FileMeta};
-use super::layout::{data_path, hex, Record, Root};
+use super::layout::{data_path, hex, pieces_offset, pieces_path, Record, Root};
 use super::store::{round_up, Shared};
 use super::Stats;
 use crate::chunk::{Geometry, VerifiedChunk};
@@ -21,7 +21,17 @@ pub(super) enum WMsg {
     /// Write an admitted (reserved) chunk.
     Write { root: Root, meta: FileMeta, idx: u64, rec: ChunkRec, chunk: VerifiedChunk },
     /// A write finished (sent by the io_uring thread).
-    Done { root: Root, meta: FileMeta, idx: u64, rec: ChunkRec, padded: usize, file: Arc<File>, result: io::Result<()> },
+    Done {
+        root: Root,
+        meta: FileMeta,
+        idx: u64,
+        rec: ChunkRec,
+        padded: usize,
+        file: Arc<File>,
+        /// The chunk's piece values, written beside the data once it is written.
+        pieces: Option<Vec<u8>>,
+        result: io::Result<()>,
+    },
     /// Release chunks taken out of the index; `true` counts them as evictions.
     Release(Vec<Evicted>, bool),
     /// Answer once every write queued before is recorded.
@@ -93,10 +103,14 @@ impl Writer {
     fn handle(&mut self, msg: WMsg, stopping: &mut bool) {
         match msg {
             WMsg::Write { root, meta, idx, rec, chunk } => self.write(root, meta, idx, rec, chunk),
-            WMsg::Done { root, meta, idx, rec, padded, file, result } => {
+            WMsg::Done { root, meta, idx, rec, padded, file, pieces, result } => {
                 self.inflight -= 1;
                 self.sh.writes_inflight.fetch_sub(1, Ordering::Relaxed);
+                let ok = result.is_ok();
                 self.done(root, meta, idx, rec, padded, &file, result);
+                if let (true, Some(p)) = (ok, pieces) {
+                    self.write_pieces(&root, meta, idx, &p);
+                }
             }
             WMsg::Release(list, count) => {
                 for e in list {
@@ -122,12 +136,13 @@ impl Writer {
         let padded = if direct { round_up(len, self.sh.align as usize) } else { len };
         let me = self.me.clone();
         let f2 = file.clone();
+        let pieces = chunk.pieces().map(|p| p.to_bytes());
         let op = Op::Write { file, offset: g.chunk_offset(idx), data: Box::new(ChunkBytes(chunk)), padded };
         self.inflight += 1;
         self.sh.io.submit(
             op,
             Box::new(move |r| {
-                let _ = me.send(WMsg::Done { root, meta, idx, rec, padded, file: f2, result: r.map(|_| ()) });
+                let _ = me.send(WMsg::Done { root, meta, idx, rec, padded, file: f2, pieces, result: r.map(|_| ()) });
             }),
         );
     }
@@ -192,8 +207,25 @@ impl Writer {
         self.pending.extend_from_slice(&Record::Absent { root: e.root, idx: e.idx }.encode());
     }
 
+    /// Store a chunk's piece values beside its data (best effort: without them a small read
+    /// after a remount reads the whole chunk once).
+    fn write_pieces(&mut self, root: &Root, meta: FileMeta, idx: u64, bytes: &[u8]) {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(pieces_path(&self.sh.dir, root))
+            .and_then(|f| f.write_all_at(bytes, pieces_offset(meta.chunk_log2, idx)));
+        if let Err(e) = r {
+            tracing::debug!(file = %hex(root), chunk = idx, error = %e, "cannot store piece values");
+        }
+    }
+
     fn delete(&mut self, root: &Root) {
         self.sh.forget_fd(root);
+        let _ = std::fs::remove_file(pieces_path(&self.sh.dir, root));
         let _ = std::fs::remove_file(data_path(&self.sh.dir, root));
         self.pending.extend_from_slice(&Record::FileGone { root: *root }.encode());
     }

@@ -158,6 +158,29 @@ impl PieceCvs {
     pub fn is_empty(&self) -> bool {
         self.cvs.is_empty()
     }
+
+    /// The values, 32 bytes each, to be stored beside the chunk.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.cvs.iter().flatten().copied().collect()
+    }
+
+    /// Piece values read back from storage, accepted only if they are as many as chunk `index`
+    /// has pieces and merge into `leaf`, the chunk's proven leaf value.
+    pub fn from_stored(geom: &Geometry, index: u64, bytes: &[u8], leaf: &Cv) -> Option<PieceCvs> {
+        let want = pieces_in(geom, index)?;
+        if bytes.len() != want * 32 {
+            return None;
+        }
+        let cvs: Vec<Cv> = bytes.chunks_exact(32).map(|c| c.try_into().unwrap()).collect();
+        let merged = tree::from_leaves(&cvs, false);
+        (blake3::Hash::from(merged) == blake3::Hash::from(*leaf)).then(|| PieceCvs { index, cvs: cvs.into() })
+    }
+}
+
+/// How many pieces chunk `index` is cut into; None when it is not cut (see [`piece_cvs`]).
+pub fn pieces_in(geom: &Geometry, index: u64) -> Option<usize> {
+    let len = geom.chunk_len(index);
+    (geom.chunk_log2 > PIECE_LOG2 && geom.n_chunks() >= 2 && len > 0).then(|| len.div_ceil(PIECE_SIZE))
 }
 
 /// The CVs of the pieces of chunk `index` holding `data`; None when the chunk is not cut into

@@ -612,3 +612,23 @@ fn small_chunks_and_one_chunk_files_have_no_pieces() {
     let c = VerifiedChunk::verify(&g, &blake3::hash(&bytes), 0, None, bytes).unwrap();
     assert!(c.pieces().is_none());
 }
+
+#[test]
+fn stored_piece_values_are_taken_only_if_they_merge_into_the_leaf() {
+    let g = Geometry::new(5 * 262144 + 70_000, 18).unwrap();
+    let bytes = data(g.size as usize, 9);
+    let leaves = leaf_cvs(&g, &bytes);
+    for idx in [0u64, 5] {
+        let off = g.chunk_offset(idx) as usize;
+        let c = VerifiedChunk::verify(&g, &blake3::hash(&bytes), idx, Some(&leaves[idx as usize]), bytes[off..off + g.chunk_len(idx)].to_vec()).unwrap();
+        let stored = c.pieces().unwrap().to_bytes();
+        assert_eq!(stored.len(), pieces_in(&g, idx).unwrap() * 32);
+        let p = PieceCvs::from_stored(&g, idx, &stored, &leaves[idx as usize]).unwrap();
+        assert_eq!(p.to_bytes(), stored);
+        let mut bad = stored.clone();
+        bad[40] ^= 1;
+        assert!(PieceCvs::from_stored(&g, idx, &bad, &leaves[idx as usize]).is_none());
+        assert!(PieceCvs::from_stored(&g, idx, &stored[..stored.len() - 32], &leaves[idx as usize]).is_none());
+        assert!(PieceCvs::from_stored(&g, idx, &stored, &leaves[1]).is_none(), "another chunk's leaf");
+    }
+}

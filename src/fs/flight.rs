@@ -93,6 +93,11 @@ impl ChunkLru {
         self.pieces.lock().unwrap().get(k).cloned()
     }
 
+    /// Remember piece CVs that were checked some other way (stored ones, against a proven leaf).
+    pub fn put_pieces(&self, k: ChunkKey, p: PieceCvs) {
+        self.pieces.lock().unwrap().put(k, p);
+    }
+
     pub fn get(&self, k: &ChunkKey) -> Option<(VerifiedChunk, Source)> {
         self.inner.lock().unwrap().0.get(k).cloned()
     }

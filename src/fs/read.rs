@@ -158,15 +158,21 @@ impl ReadData {
     }
 }
 
-/// A small read that is not sequential, of a chunk that is not in memory but on disk and was
-/// verified before (its piece CVs are remembered): read and verify only the pieces it covers.
+/// A small read that is not sequential, of a chunk that is not in memory but on disk, whose piece
+/// CVs are known (remembered from this mount, or stored beside the data and proven): read and
+/// verify only the pieces it covers.
 fn span_read(fs: &Fs, h: &Handle, idx: u64, offset: u64, end: u64) -> Option<ReadData> {
     let disk = fs.disk.as_ref()?;
     let key = (h.info.root, idx);
     if end - offset > SPAN_MAX || fs.chunks.contains(&key) {
         return None;
     }
-    let pieces = fs.chunks.pieces(&key)?;
+    // Remembered from this mount, or stored beside the data and checked against the proven leaf.
+    let pieces = fs.chunks.pieces(&key).or_else(|| {
+        let p = disk.stored_pieces(&h.info.root, &h.geom, idx)?;
+        fs.chunks.put_pieces(key, p.clone());
+        Some(p)
+    })?;
     let base = h.geom.chunk_offset(idx);
     let first = ((offset - base) >> PIECE_LOG2) as usize;
     let last = ((end - 1 - base) >> PIECE_LOG2) as usize;

@@ -147,6 +147,12 @@ if cmount span "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
     expect "span: the damage was detected" gt "$(stat_of "$M" cache_verify_failures)" 0
     umount_ok span "$M"
 fi
+expect "span: piece values are stored beside the data file" [ -s "$(data_file "$CACHE" "$SRC/big.bin").pcv" ]
+if cmount span2 "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
+    check "span: after a remount, 400 random reads are right at once" randread "$SRC/big.bin" "$M/big.bin" 3
+    expect "span: ... served from pieces, with the stored piece values" gt "$(stat_of "$M" cache_span_reads)" 100
+    umount_ok span2 "$M"
+fi
 
 # --- corruption ------------------------------------------------------------------------------
 BIGD=$(data_file "$CACHE" "$SRC/big.bin")
