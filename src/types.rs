@@ -125,3 +125,26 @@ pub struct FileInfo {
     /// log2 of the chunk size in bytes (e.g. 18 for 256 KiB).
     pub chunk_log2: u8,
 }
+
+#[cfg(test)]
+impl Attr {
+    /// Attributes for tests: an object of `kind` and `size` with inode number `ino`, 0644,
+    /// one link, everything else zero.
+    pub fn for_test(kind: FileKind, size: u64, ino: u64) -> Attr {
+        Attr {
+            kind,
+            perm: 0o644,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            size,
+            blocks: 0,
+            rdev: 0,
+            atime_ns: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            dev: 1,
+            ino,
+        }
+    }
+}

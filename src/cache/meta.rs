@@ -183,21 +183,7 @@ mod tests {
     use crate::types::FileKind;
 
     fn attr(kind: FileKind, size: u64) -> Attr {
-        Attr {
-            kind,
-            perm: 0o644,
-            nlink: 1,
-            uid: 1,
-            gid: 2,
-            size,
-            blocks: 8,
-            rdev: 0,
-            atime_ns: 1,
-            mtime_ns: 2,
-            ctime_ns: 3,
-            dev: 4,
-            ino: size + 5,
-        }
+        Attr { uid: 1, gid: 2, blocks: 8, atime_ns: 1, mtime_ns: 2, ctime_ns: 3, ..Attr::for_test(kind, size, size + 5) }
     }
 
     fn sample() -> Snapshot {

@@ -278,24 +278,8 @@ impl Store {
         let (tx, rx) = sync_channel(1);
         let op = Op::Read { file: p.file.clone(), offset: geom.chunk_offset(idx) + (start - lead) as u64, len: read_len };
         sh.io.submit(op, Box::new(move |r| drop(tx.send(r))));
-        let mut data = match rx.recv_timeout(READ_DEADLINE) {
-            Ok(Ok(mut d)) if d.len() >= lead + len => {
-                d.drain(..lead);
-                d
-            }
-            Ok(Ok(_)) => {
-                self.damaged(root, idx, "short read");
-                return None;
-            }
-            Ok(Err(e)) => {
-                self.damaged(root, idx, &format!("read error: {e}"));
-                return None;
-            }
-            Err(_) => {
-                Stats::add(&sh.stats.misses, 1);
-                return None;
-            }
-        };
+        let mut data = self.read_result(root, idx, rx.recv_timeout(READ_DEADLINE), lead + len)?;
+        data.drain(..lead);
         data.truncate(len);
         match VerifiedSpan::verify(geom, pieces, first, data) {
             Ok(s) => {
@@ -346,22 +330,11 @@ impl Store {
     ) -> Option<VerifiedChunk> {
         let sh = &self.shared;
         let (rec, len) = (p.rec, p.rec.len as usize);
-        let mut data = match r {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                self.damaged(root, idx, &format!("read error: {e}"));
-                return None;
-            }
-            Err(_) => {
-                tracing::warn!(file = %hex(root), chunk = idx, "disk cache read took over {READ_DEADLINE:?}; fetching from the server");
-                Stats::add(&sh.stats.misses, 1);
-                return None;
-            }
-        };
-        if data.len() < len || len != geom.chunk_len(idx) {
-            self.damaged(root, idx, "short read");
+        if len != geom.chunk_len(idx) {
+            self.damaged(root, idx, "a length that is not the chunk's");
             return None;
         }
+        let mut data = self.read_result(root, idx, r, len)?;
         data.truncate(len);
         let n = geom.n_chunks();
         let expected = if n == 1 {
@@ -387,6 +360,27 @@ impl Store {
             Err(e) => {
                 Stats::add(&sh.stats.verify_failures, 1);
                 self.damaged(root, idx, &format!("failed BLAKE3 verification ({e})"));
+                None
+            }
+        }
+    }
+
+    /// The bytes a cache read of chunk `idx` returned, at least `want` of them. A read error or a
+    /// short read drops the entry (damaged); a read past the deadline is a miss.
+    fn read_result(&self, root: &Root, idx: u64, r: Result<io::Result<Vec<u8>>, RecvTimeoutError>, want: usize) -> Option<Vec<u8>> {
+        match r {
+            Ok(Ok(d)) if d.len() >= want => Some(d),
+            Ok(Ok(_)) => {
+                self.damaged(root, idx, "short read");
+                None
+            }
+            Ok(Err(e)) => {
+                self.damaged(root, idx, &format!("read error: {e}"));
+                None
+            }
+            Err(_) => {
+                tracing::warn!(file = %hex(root), chunk = idx, "disk cache read took over {READ_DEADLINE:?}; fetching from the server");
+                Stats::add(&self.shared.stats.misses, 1);
                 None
             }
         }
@@ -530,6 +524,12 @@ impl Prepared {
     }
 }
 
+/// Remove a file version's data file and the piece values beside it.
+pub(super) fn remove_version(dir: &Path, root: &Root) {
+    let _ = std::fs::remove_file(layout::pieces_path(dir, root));
+    let _ = std::fs::remove_file(data_path(dir, root));
+}
+
 pub(super) fn meta_of(geom: &Geometry) -> FileMeta {
     FileMeta { size: geom.size, chunk_log2: geom.chunk_log2 }
 }
@@ -605,14 +605,12 @@ fn reconcile(dir: &Path, ix: &mut Index, evicted: &[Evicted]) {
     for r in known.iter().filter(|r| !seen.contains(*r)) {
         tracing::warn!(file = %hex(r), "disk cache data file is missing; forgetting its chunks");
         ix.remove_file(r);
-        let _ = std::fs::remove_file(layout::pieces_path(dir, r));
+        remove_version(dir, r);
     }
     for e in evicted {
-        let p = data_path(dir, &e.root);
         if e.file_empty {
-            let _ = std::fs::remove_file(&p);
-            let _ = std::fs::remove_file(layout::pieces_path(dir, &e.root));
-        } else if let Ok(f) = OpenOptions::new().write(true).open(&p) {
+            remove_version(dir, &e.root);
+        } else if let Ok(f) = OpenOptions::new().write(true).open(data_path(dir, &e.root)) {
             let g = Geometry { size: e.meta.size, chunk_log2: e.meta.chunk_log2 };
             let _ = disk::punch_hole(&f, g.chunk_offset(e.idx), g.chunk_size());
         }

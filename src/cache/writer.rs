@@ -10,7 +10,7 @@ use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::Arc;
 
 use super::index::{ChunkRec, Evicted, FileMeta};
-use super::layout::{data_path, hex, pieces_offset, pieces_path, Record, Root};
+use super::layout::{hex, pieces_offset, pieces_path, Record, Root};
 use super::store::{round_up, Shared};
 use super::Stats;
 use crate::chunk::{Geometry, VerifiedChunk};
@@ -225,8 +225,7 @@ impl Writer {
 
     fn delete(&mut self, root: &Root) {
         self.sh.forget_fd(root);
-        let _ = std::fs::remove_file(pieces_path(&self.sh.dir, root));
-        let _ = std::fs::remove_file(data_path(&self.sh.dir, root));
+        super::store::remove_version(&self.sh.dir, root);
         self.pending.extend_from_slice(&Record::FileGone { root: *root }.encode());
     }
 

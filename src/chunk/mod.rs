@@ -120,10 +120,12 @@ pub fn chunk_cv(geom: &Geometry, index: u64, data: &[u8]) -> Cv {
     if data.is_empty() || data.len() as u64 > geom.chunk_size() {
         return [0; 32];
     }
-    blake3::Hasher::new()
-        .set_input_offset(offset)
-        .update(data)
-        .finalize_non_root()
+    cv_at(offset, data)
+}
+
+/// Non-root chaining value of the complete subtree holding `data` at input offset `offset`.
+fn cv_at(offset: u64, data: &[u8]) -> Cv {
+    blake3::Hasher::new().set_input_offset(offset).update(data).finalize_non_root()
 }
 
 /// Chunk bytes that were checked against the file's tree. [`VerifiedChunk::verify`] is the only way to
@@ -136,7 +138,8 @@ pub struct VerifiedChunk {
     pieces: Option<PieceCvs>,
 }
 
-/// The piece CVs of a verified chunk. Only [`VerifiedChunk::verify`] makes them, so a
+/// The piece CVs of a verified chunk: made only by [`VerifiedChunk::verify`] (hashed from the
+/// bytes) and [`PieceCvs::from_stored`] (checked against the chunk's proven leaf value), so a
 /// [`VerifiedSpan`] checked against them is as good as the chunk.
 #[derive(Clone, Debug)]
 pub struct PieceCvs {
@@ -183,21 +186,12 @@ pub fn pieces_in(geom: &Geometry, index: u64) -> Option<usize> {
     (geom.chunk_log2 > PIECE_LOG2 && geom.n_chunks() >= 2 && len > 0).then(|| len.div_ceil(PIECE_SIZE))
 }
 
-/// The CVs of the pieces of chunk `index` holding `data`; None when the chunk is not cut into
-/// pieces (chunk size of a piece or less, one-chunk files, data that cannot be that chunk).
+/// The CVs of the pieces of chunk `index` holding `data` (exactly `chunk_len(index)` bytes);
+/// None when the chunk is not cut into pieces ([`pieces_in`]).
 fn piece_cvs(geom: &Geometry, index: u64, data: &[u8]) -> Option<Vec<Cv>> {
-    if geom.chunk_log2 <= PIECE_LOG2 || geom.n_chunks() < 2 || data.is_empty() || data.len() as u64 > geom.chunk_size() {
-        return None;
-    }
+    pieces_in(geom, index)?;
     let base = index.checked_mul(geom.chunk_size())?;
-    Some(
-        data.chunks(PIECE_SIZE)
-            .enumerate()
-            .map(|(i, p)| {
-                blake3::Hasher::new().set_input_offset(base + (i * PIECE_SIZE) as u64).update(p).finalize_non_root()
-            })
-            .collect(),
-    )
+    Some(data.chunks(PIECE_SIZE).enumerate().map(|(i, p)| cv_at(base + (i * PIECE_SIZE) as u64, p)).collect())
 }
 
 /// Bytes of whole pieces of one chunk, each hashed at its offset and matched against the piece
@@ -224,7 +218,7 @@ impl VerifiedSpan {
         }
         let offset = geom.chunk_offset(pieces.index) + start as u64;
         for (i, p) in data.chunks(PIECE_SIZE).enumerate() {
-            let cv = blake3::Hasher::new().set_input_offset(offset + (i * PIECE_SIZE) as u64).update(p).finalize_non_root();
+            let cv = cv_at(offset + (i * PIECE_SIZE) as u64, p);
             if blake3::Hash::from(cv) != blake3::Hash::from(pieces.cvs[first + i]) {
                 return Err(ChunkError::Mismatch);
             }
@@ -272,10 +266,11 @@ impl VerifiedChunk {
         if data.len() != geom.chunk_len(index) {
             return Err(ChunkError::Mismatch);
         }
-        if n == 1 {
+        let pieces = if n == 1 {
             if blake3::hash(&data) != *root {
                 return Err(ChunkError::Mismatch);
             }
+            None
         } else {
             let expected = expected.ok_or(ChunkError::BadProof)?;
             let (cv, pieces) = match piece_cvs(geom, index, &data) {
@@ -286,9 +281,9 @@ impl VerifiedChunk {
             if blake3::Hash::from(cv) != blake3::Hash::from(*expected) {
                 return Err(ChunkError::Mismatch);
             }
-            return Ok(VerifiedChunk { index, data: Arc::new(Pooled(data)), pieces });
-        }
-        Ok(VerifiedChunk { index, data: Arc::new(Pooled(data)), pieces: None })
+            pieces
+        };
+        Ok(VerifiedChunk { index, data: Arc::new(Pooled(data)), pieces })
     }
 
     /// The CVs of this chunk's pieces, if it is cut into pieces.

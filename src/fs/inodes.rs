@@ -122,21 +122,7 @@ mod tests {
     use crate::types::FileKind;
 
     fn attr(ino: u64) -> Attr {
-        Attr {
-            kind: FileKind::File,
-            perm: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            blocks: 0,
-            rdev: 0,
-            atime_ns: 0,
-            mtime_ns: 0,
-            ctime_ns: 0,
-            dev: 1,
-            ino,
-        }
+        Attr::for_test(FileKind::File, 0, ino)
     }
 
     #[test]

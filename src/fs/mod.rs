@@ -11,16 +11,15 @@ pub use read::ReadData;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::cache::{Pin, Store};
+use crate::cache::{meta, Pin, Store};
 use crate::chunk::{Geometry, VerifiedChunk};
 use crate::error::{Error, Result};
 use crate::proto::msg::{Request, Response};
 use crate::transport::ClientTransport;
-use crate::cache::meta;
 use crate::types::{Attr, FileInfo, FileKind, StatFs};
 use flight::ChunkLru;
 use inodes::{join, Inodes};
@@ -139,8 +138,9 @@ pub struct Fs {
     disk: Option<Arc<Store>>,
     /// Where the last read of each inode came from (`user.wraith.source`).
     sources: Mutex<HashMap<u64, Source>>,
-    /// When a request last timed out (cleared by the next answer).
-    offline_at: Mutex<Option<Instant>>,
+    /// A request timed out and the server has not answered since (the background probe or any
+    /// answer clears it).
+    offline: AtomicBool,
     /// What the server last said about names, kept after the kernel forgets the inode, so that
     /// cached files stay reachable while the server does not answer (saved to `meta_file`).
     known: Mutex<Remembered>,
@@ -194,7 +194,7 @@ impl Fs {
             counters: Counters::default(),
             disk,
             sources: Mutex::new(HashMap::new()),
-            offline_at: Mutex::new(started_offline.then(Instant::now)),
+            offline: AtomicBool::new(started_offline),
             known: Mutex::new(known),
             started_offline,
             saving: Mutex::new(()),
@@ -240,7 +240,7 @@ impl Fs {
                 if fs.offline() && probed.elapsed() >= PROBE_EVERY {
                     probed = Instant::now();
                     if fs.net.call(&Request::StatFs { share: fs.share() }, 1024, PROBE_TIMEOUT).is_ok() {
-                        *fs.offline_at.lock().unwrap() = None;
+                        fs.offline.store(false, Ordering::Relaxed);
                         tracing::info!("server answers again");
                     }
                 }
@@ -297,19 +297,16 @@ impl Fs {
             if warned && r.is_ok() {
                 tracing::info!("server OK again");
             }
-            let mut off = self.offline_at.lock().unwrap();
             match &r {
                 Err(Error::RemoteTimeout) => {
-                    if off.is_none() {
+                    if !self.offline.swap(true, Ordering::Relaxed) {
                         tracing::warn!("server not answering; serving what is cached until it does");
                     }
-                    *off = Some(Instant::now());
                 }
                 // The caller gave up (Ctrl-C): says nothing about the server.
                 Err(Error::Interrupted) => {}
-                _ => *off = None,
+                _ => self.offline.store(false, Ordering::Relaxed),
             }
-            drop(off);
             return r;
         }
     }
@@ -317,7 +314,17 @@ impl Fs {
     /// A request timed out and the server has not answered since: serve what is cached without
     /// asking again (the background probe ends this).
     fn offline(&self) -> bool {
-        self.offline_at.lock().unwrap().is_some()
+        self.offline.load(Ordering::Relaxed)
+    }
+
+    /// The server's answer to `req`, taken by `take`; while the server does not answer, `cached`
+    /// (what it said last) if there is one.
+    fn ask_or_cached<T>(&self, ctx: Ctx, req: &Request, expect: u64, cached: Option<T>, take: impl FnOnce(Response) -> Result<T>) -> Result<T> {
+        match self.call_unless_offline(ctx, req, expect, cached.is_some()) {
+            Ok(r) => take(r),
+            Err(Error::RemoteTimeout) if cached.is_some() => Ok(cached.unwrap()),
+            Err(e) => Err(e),
+        }
     }
 
     /// `req`, or `Err(RemoteTimeout)` at once while offline when the caller has a cached answer.
@@ -375,16 +382,14 @@ impl Fs {
             let mut k = self.known.lock().unwrap();
             k.known(&path).map(|k| k.0).or_else(|| k.listed(&path))
         });
-        let attr = match self.call_unless_offline(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024, cached.is_some()) {
-            Ok(Response::Attr(a)) => {
+        // Server unreachable: what we knew about the name (it stays readable if cached).
+        let attr = self.ask_or_cached(ctx, &Request::Stat { share: self.share(), path: path.clone() }, 1024, cached, |r| match r {
+            Response::Attr(a) => {
                 self.learn(&path, a, None);
-                a
+                Ok(a)
             }
-            Ok(_) => return Err(Error::Invalid),
-            // Server unreachable: what we knew about the name (it stays readable if cached).
-            Err(Error::RemoteTimeout) if cached.is_some() => cached.unwrap(),
-            Err(e) => return Err(e),
-        };
+            _ => Err(Error::Invalid),
+        })?;
         Ok((self.remember(path, attr), self.present(attr)))
     }
 
@@ -439,15 +444,13 @@ impl Fs {
     pub fn readlink(&self, ctx: Ctx, ino: u64) -> Result<Vec<u8>> {
         let path = self.node_path(ino)?;
         let cached = self.known.lock().unwrap().link(&path);
-        match self.call_unless_offline(ctx, &Request::ReadLink { share: self.share(), path: path.clone() }, 4096, cached.is_some()) {
-            Ok(Response::Link(t)) => {
+        self.ask_or_cached(ctx, &Request::ReadLink { share: self.share(), path: path.clone() }, 4096, cached, |r| match r {
+            Response::Link(t) => {
                 self.known.lock().unwrap().put_link(&path, &t);
                 Ok(t)
             }
-            Ok(_) => Err(Error::Invalid),
-            Err(Error::RemoteTimeout) if cached.is_some() => Ok(cached.unwrap()),
-            Err(e) => Err(e),
-        }
+            _ => Err(Error::Invalid),
+        })
     }
 
     /// Directory entries after FUSE offset `offset`: (next offset, name, attr). Offsets 1 and 2 are
@@ -577,15 +580,13 @@ impl Fs {
 
     pub fn statfs(&self, ctx: Ctx) -> Result<StatFs> {
         let cached = self.known.lock().unwrap().statfs();
-        match self.call_unless_offline(ctx, &Request::StatFs { share: self.share() }, 1024, cached.is_some()) {
-            Ok(Response::StatFs(s)) => {
+        self.ask_or_cached(ctx, &Request::StatFs { share: self.share() }, 1024, cached, |r| match r {
+            Response::StatFs(s) => {
                 self.known.lock().unwrap().put_statfs(s);
                 Ok(s)
             }
-            Ok(_) => Err(Error::Invalid),
-            Err(Error::RemoteTimeout) if cached.is_some() => Ok(cached.unwrap()),
-            Err(e) => Err(e),
-        }
+            _ => Err(Error::Invalid),
+        })
     }
 
     /// `user.wraith.blake3`: the BLAKE3 root of a regular file, as b3sum prints it (revalidates

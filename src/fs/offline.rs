@@ -34,6 +34,9 @@ struct Listing {
 
 /// Entries served from one offline listing request at most.
 const OFFLINE_PAGE: usize = 1024;
+
+/// Everything the mount remembers for offline use, bounded; `dirty` says whether it changed
+/// since the last snapshot.
 pub struct Remembered {
     known: LruCache<Vec<u8>, Known>,
     dirs: LruCache<Vec<u8>, Listing>,
@@ -259,21 +262,7 @@ mod tests {
     use crate::types::FileKind;
 
     fn attr(size: u64) -> Attr {
-        Attr {
-            kind: FileKind::File,
-            perm: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            size,
-            blocks: 0,
-            rdev: 0,
-            atime_ns: 0,
-            mtime_ns: 1,
-            ctime_ns: 1,
-            dev: 1,
-            ino: 2,
-        }
+        Attr { mtime_ns: 1, ctime_ns: 1, ..Attr::for_test(FileKind::File, size, 2) }
     }
 
     fn entries(n: usize) -> Vec<DirEntry> {

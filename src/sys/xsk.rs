@@ -53,8 +53,8 @@ pub struct XskConfig {
 
 /// The receive half: fill ring and rx ring.
 pub struct XskRx {
-    umem: Umem,
-    umem_id: u32,
+    /// The UMEM its frames live in.
+    view: XskView,
     fill: FillQueue,
     rx: RxQueue,
     scratch: Vec<FrameDesc>,
@@ -71,8 +71,9 @@ impl XskView {
     /// The received packet in `f`.
     pub fn data<'a>(&'a self, f: &'a Frame) -> &'a [u8] {
         assert_eq!(f.umem, self.umem_id, "frame of another UMEM");
-        // SAFETY: as `XskRx::data`: `f` belongs to this UMEM and is owned by user space (taken
-        // from the rx ring, not yet on the fill ring), and `&Frame` rules out a `&mut` to it.
+        // SAFETY: `f` belongs to this UMEM and is owned by user space (taken from the rx ring,
+        // not yet on the fill ring: the kernel does not write it), and `&Frame` rules out a
+        // concurrent `&mut` to the same chunk.
         unsafe { self.umem.data(&f.desc) }.contents()
     }
 }
@@ -147,7 +148,7 @@ pub fn open(iface: &str, cfg: XskConfig) -> io::Result<XskSocket> {
     let wrap = |d: Vec<FrameDesc>| d.into_iter().map(|desc| Frame { desc, umem: umem_id }).collect::<Vec<_>>();
     let batch = |n: u32| vec![FrameDesc::default(); n.next_power_of_two() as usize];
     Ok(XskSocket {
-        rx: XskRx { umem: umem.clone(), umem_id, fill, rx, scratch: batch(cfg.rx_frames) },
+        rx: XskRx { view: XskView { umem: umem.clone(), umem_id }, fill, rx, scratch: batch(cfg.rx_frames) },
         tx: XskTx { umem, umem_id, tx, tx_size: cfg.tx_frames.next_power_of_two(), comp, scratch: batch(cfg.tx_frames) },
         rx_frames: wrap(descs),
         tx_frames: wrap(tx_descs),
@@ -188,7 +189,7 @@ impl XskRx {
         // SAFETY: each descriptor comes from a Frame we own (see module doc) of this UMEM, and
         // the Frame value is dropped from `frames` as the ring takes it, so it cannot be used or
         // submitted again until the kernel returns the chunk on the rx ring.
-        take_tail(frames, self.umem_id, &mut self.scratch, |d| unsafe { fill.produce(d) })
+        take_tail(frames, self.view.umem_id, &mut self.scratch, |d| unsafe { fill.produce(d) })
     }
 
     /// Take up to `max` received frames; returns how many were appended to `out`.
@@ -197,22 +198,20 @@ impl XskRx {
         // SAFETY: the descriptors are written by the rx ring; each names a chunk the kernel hands
         // back to us, for which no Frame exists (it was consumed by `fill`).
         let got = unsafe { self.rx.consume(&mut self.scratch[..n]) };
-        out.extend(self.scratch[..got].iter().map(|&desc| Frame { desc, umem: self.umem_id }));
+        let umem = self.view.umem_id;
+        out.extend(self.scratch[..got].iter().map(|&desc| Frame { desc, umem }));
         got
     }
 
     /// The received packet in `f`.
     pub fn data<'a>(&'a self, f: &'a Frame) -> &'a [u8] {
-        assert_eq!(f.umem, self.umem_id, "frame of another UMEM");
-        // SAFETY: `f` belongs to this UMEM and is owned by user space (the kernel does not write
-        // it); `&Frame` rules out a concurrent `&mut` to the same chunk.
-        unsafe { self.umem.data(&f.desc) }.contents()
+        self.view.data(f)
     }
 
     /// A read-only view of this socket's UMEM, for reading frames taken out of the rx ring
     /// without holding the ring.
     pub fn view(&self) -> XskView {
-        XskView { umem: self.umem.clone(), umem_id: self.umem_id }
+        self.view.clone()
     }
 
     /// Whether the kernel wants a wake-up to use new fill entries.
