@@ -262,7 +262,7 @@ fn open_cache(o: &Opts, remote: &str, addr: &std::net::SocketAddr) -> Option<Arc
         let _ = std::fs::create_dir_all(&dir);
         cache::default_size(&dir)
     });
-    match Store::open(&CacheConfig { dir, size, force_sync: o.cache_sync }) {
+    match Store::open(&CacheConfig { dir, size, force_sync: o.cache_sync, lend_bytes: o.fs.mem_cache }) {
         Ok(s) => Some(Arc::new(s)),
         Err(m) => {
             tracing::warn!("no disk cache: {m}");

@@ -29,6 +29,9 @@ pub struct CacheConfig {
     pub size: u64,
     /// Use pread/pwrite even where io_uring works.
     pub force_sync: bool,
+    /// Bytes of chunks the memory cache may hold: registered memory lent to chunk buffers grows
+    /// up to this (plus what is in flight), so that chunks stay where they landed.
+    pub lend_bytes: u64,
 }
 
 /// What a person reads in `wraith-mount --stats`.

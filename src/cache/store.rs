@@ -20,7 +20,7 @@ use super::index::{Admit, ChunkRec, Evicted, FileMeta, Index};
 use super::layout::{self, data_path, hex, Record, Root};
 use super::writer::{self, WMsg};
 use super::{CacheConfig, Stats};
-use crate::chunk::{Cv, Geometry, PieceCvs, VerifiedChunk, VerifiedSpan, PIECE_SIZE};
+use crate::chunk::{Buf, Cv, Geometry, PieceCvs, VerifiedChunk, VerifiedSpan, PIECE_SIZE};
 use crate::sys::disk;
 use crate::sys::uring::{IoConfig, IoThread, Mode, Op};
 
@@ -30,8 +30,13 @@ const MAX_WRITES: u64 = 64;
 const MAX_FDS: usize = 256;
 /// A read from the cache that takes longer is a miss (the buffer stays with its operation).
 const READ_DEADLINE: Duration = Duration::from_secs(10);
-const BUF_SIZE: usize = 512 << 10;
-const N_BUFS: usize = 32;
+/// One slot of registered memory holds a chunk of the default size and the response's tag byte
+/// (so a reassembled response is written to the cache from where it arrived).
+const SLOT: usize = (256 << 10) + 1;
+/// The largest chunk (16 MiB) is read or written in parts of one slot each, all at once.
+const MAX_OP: usize = 16 << 20;
+/// Registered beyond what chunks may hold: responses and reads in flight.
+const LEND_SLACK: u64 = 64 << 20;
 /// Waits of 100 ms for the directory's lock.
 const LOCK_TRIES: u32 = 30;
 
@@ -53,8 +58,27 @@ pub(super) struct Shared {
 pub struct Store {
     shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
+    /// Lends registered memory to chunk buffers while this store lives (io_uring mode).
+    lender: Option<Arc<dyn crate::chunk::pool::SlotSource>>,
     _lock: File,
     pub replay_time: Duration,
+}
+
+/// The ring thread's counters.
+#[derive(Clone, Copy, Debug)]
+pub struct IoCounts {
+    /// Operations (SQEs) submitted.
+    pub sqes: u64,
+    /// `io_uring_enter` calls.
+    pub enters: u64,
+    /// Most SQEs in one enter.
+    pub max_batch: u64,
+    /// Chunks written from the registered slot they arrived in.
+    pub zero_copy_writes: u64,
+    /// Chunk reads handed over in the registered slot they landed in.
+    pub zero_copy_reads: u64,
+    /// Slots of registered memory now.
+    pub slots: u64,
 }
 
 /// A complete file's data file, pinned (never evicted) while this lives: the kernel reads it for
@@ -120,9 +144,15 @@ impl Store {
         reconcile(&dir, &mut index, &evicted);
         compact(&dir, &index).map_err(|e| ctx("rewrite journal", e))?;
         let journal = OpenOptions::new().append(true).open(&jpath).map_err(|e| ctx("journal", e))?;
-        let buf_size = BUF_SIZE.div_ceil(align) * align;
-        let io = IoThread::start(IoConfig { align, buf_size, n_bufs: N_BUFS, force_sync: cfg.force_sync })
+        let buf_size = round_up(SLOT, align);
+        let n_bufs = MAX_OP.div_ceil(buf_size) + 8;
+        let max_bufs = n_bufs + ((cfg.lend_bytes + LEND_SLACK) / buf_size as u64) as usize;
+        let io = IoThread::start(IoConfig { align, buf_size, n_bufs, max_bufs, force_sync: cfg.force_sync })
             .map_err(|e| ctx("I/O thread", e))?;
+        let lender = io.slot_source();
+        if let Some(l) = &lender {
+            crate::chunk::pool::set_source(l.clone());
+        }
         let (tx, rx) = channel();
         let shared = Arc::new(Shared {
             dir: dir.clone(),
@@ -148,7 +178,7 @@ impl Store {
             io = ?shared.io.mode(), ms = replay_time.as_millis() as u64, "disk cache ready"
         );
         drop(ix);
-        Ok(Store { shared, writer: Some(writer), _lock: lock, replay_time })
+        Ok(Store { shared, writer: Some(writer), lender, _lock: lock, replay_time })
     }
 
     pub fn mode(&self) -> Mode {
@@ -160,10 +190,18 @@ impl Store {
         &self.shared.dir
     }
 
-    /// (SQEs submitted, io_uring_enter calls, most SQEs in one enter): how well submissions batch.
-    pub fn io_stats(&self) -> (u64, u64, u64) {
+    /// How well submissions batch and how often bytes stayed where they were.
+    pub fn io_stats(&self) -> IoCounts {
         let s = &self.shared.io.stats;
-        (s.sqes.load(Ordering::Relaxed), s.enters.load(Ordering::Relaxed), s.max_batch.load(Ordering::Relaxed))
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        IoCounts {
+            sqes: g(&s.sqes),
+            enters: g(&s.enters),
+            max_batch: g(&s.max_batch),
+            zero_copy_writes: g(&s.zero_copy_writes),
+            zero_copy_reads: g(&s.zero_copy_reads),
+            slots: g(&s.slots),
+        }
     }
 
     pub fn stats(&self) -> &Stats {
@@ -278,9 +316,7 @@ impl Store {
         let (tx, rx) = sync_channel(1);
         let op = Op::Read { file: p.file.clone(), offset: geom.chunk_offset(idx) + (start - lead) as u64, len: read_len };
         sh.io.submit(op, Box::new(move |r| drop(tx.send(r))));
-        let mut data = self.read_result(root, idx, rx.recv_timeout(READ_DEADLINE), lead + len)?;
-        data.drain(..lead);
-        data.truncate(len);
+        let data = self.read_result(root, idx, rx.recv_timeout(READ_DEADLINE), lead + len)?[lead..lead + len].to_vec();
         match VerifiedSpan::verify(geom, pieces, first, data) {
             Ok(s) => {
                 Stats::add(&sh.stats.span_reads, 1);
@@ -325,7 +361,7 @@ impl Store {
         geom: &Geometry,
         idx: u64,
         p: Prepared,
-        r: Result<io::Result<Vec<u8>>, RecvTimeoutError>,
+        r: Result<io::Result<Buf>, RecvTimeoutError>,
         leaf: impl FnOnce() -> crate::error::Result<Option<Cv>>,
     ) -> Option<VerifiedChunk> {
         let sh = &self.shared;
@@ -367,7 +403,7 @@ impl Store {
 
     /// The bytes a cache read of chunk `idx` returned, at least `want` of them. A read error or a
     /// short read drops the entry (damaged); a read past the deadline is a miss.
-    fn read_result(&self, root: &Root, idx: u64, r: Result<io::Result<Vec<u8>>, RecvTimeoutError>, want: usize) -> Option<Vec<u8>> {
+    fn read_result(&self, root: &Root, idx: u64, r: Result<io::Result<Buf>, RecvTimeoutError>, want: usize) -> Option<Buf> {
         match r {
             Ok(Ok(d)) if d.len() >= want => Some(d),
             Ok(Ok(_)) => {
@@ -466,6 +502,9 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if let Some(l) = &self.lender {
+            crate::chunk::pool::clear_source(l);
+        }
         let _ = self.shared.tx.lock().unwrap().send(WMsg::Stop);
         if let Some(w) = self.writer.take() {
             let _ = w.join();

@@ -39,7 +39,7 @@ impl TestFile {
 }
 
 fn cfg(dir: &Path, size: u64, force_sync: bool) -> CacheConfig {
-    CacheConfig { dir: dir.to_path_buf(), size, force_sync }
+    CacheConfig { dir: dir.to_path_buf(), size, force_sync, lend_bytes: 16 << 20 }
 }
 
 fn roundtrip(force_sync: bool) {
@@ -273,7 +273,7 @@ fn load_many_verifies_each_and_misses_what_is_absent_or_damaged() {
         let file = OpenOptions::new().write(true).open(data_path(d.path(), &f.root)).unwrap();
         file.write_all_at(b"xx", f.geom.chunk_offset(4) + 10).unwrap();
     }
-    let sqes_before = s.io_stats().0;
+    let sqes_before = s.io_stats().sqes;
     let got = s.load_many(&f.root, &f.geom, &[0, 1, 2, 3, 4, 5], |i| Ok(f.cv(i)));
     assert_eq!(got.len(), 6);
     for (idx, c) in got {
@@ -284,8 +284,8 @@ fn load_many_verifies_each_and_misses_what_is_absent_or_damaged() {
         }
     }
     if s.mode() == Mode::Uring {
-        assert_eq!(s.io_stats().0 - sqes_before, 5, "five reads submitted");
-        assert!(s.io_stats().2 >= 5, "together");
+        assert_eq!(s.io_stats().sqes - sqes_before, 5, "five reads submitted");
+        assert!(s.io_stats().max_batch >= 5, "together");
     }
     assert!(!s.contains(&f.root, 4), "the damaged entry was dropped");
 }
@@ -303,11 +303,11 @@ fn a_span_of_pieces_is_read_alone_and_verified() {
     let span = s.load_span(&f.root, &f.geom, &pieces, 1, 2).unwrap();
     assert_eq!(span.offset(), 65536 + 16384);
     assert_eq!(span.bytes(), &f.slice(1)[16384..49152]);
-    let before = s.io_stats().0;
+    let before = s.io_stats().sqes;
     let last = s.load(&f.root, &f.geom, 3, || Ok(f.cv(3))).unwrap();
     let lp = last.pieces().unwrap().clone();
     assert_eq!(s.load_span(&f.root, &f.geom, &lp, 0, 1).unwrap().bytes(), f.slice(3));
-    assert!(s.io_stats().0 > before);
+    assert!(s.io_stats().sqes > before);
     // Damage piece 3 of chunk 1: piece 0 still reads; piece 3 is a miss and drops the chunk.
     {
         use std::os::unix::fs::FileExt;

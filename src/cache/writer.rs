@@ -13,7 +13,7 @@ use super::index::{ChunkRec, Evicted, FileMeta};
 use super::layout::{hex, pieces_offset, pieces_path, Record, Root};
 use super::store::{round_up, Shared};
 use super::Stats;
-use crate::chunk::{Geometry, VerifiedChunk};
+use crate::chunk::{Buf, Geometry, VerifiedChunk};
 use crate::sys::disk;
 use crate::sys::uring::Op;
 
@@ -41,9 +41,9 @@ pub(super) enum WMsg {
 
 struct ChunkBytes(VerifiedChunk);
 
-impl AsRef<[u8]> for ChunkBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.0.bytes()
+impl AsRef<Buf> for ChunkBytes {
+    fn as_ref(&self) -> &Buf {
+        self.0.buf()
     }
 }
 

@@ -27,6 +27,8 @@ use blake3::hazmat::HasherExt;
 use std::fmt;
 use std::sync::Arc;
 
+pub use pool::Buf;
+
 /// A BLAKE3 chaining value (of a chunk or a subtree).
 pub type Cv = [u8; 32];
 
@@ -133,7 +135,7 @@ fn cv_at(offset: u64, data: &[u8]) -> Cv {
 #[derive(Clone)]
 pub struct VerifiedChunk {
     index: u64,
-    data: Arc<Pooled>,
+    data: Arc<Buf>,
     /// The CVs of its pieces (chunks larger than a piece, in files of two chunks or more).
     pieces: Option<PieceCvs>,
 }
@@ -235,15 +237,6 @@ impl VerifiedSpan {
     }
 }
 
-/// Chunk bytes that go back to the [`pool`] when the last holder lets go.
-struct Pooled(Vec<u8>);
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        pool::give(std::mem::take(&mut self.0));
-    }
-}
-
 impl VerifiedChunk {
     /// Check `data` as chunk `index` of the file with geometry `geom` and BLAKE3 root `root`.
     ///
@@ -257,8 +250,9 @@ impl VerifiedChunk {
         root: &blake3::Hash,
         index: u64,
         expected: Option<&Cv>,
-        data: Vec<u8>,
+        data: impl Into<Buf>,
     ) -> Result<Self, ChunkError> {
+        let data = data.into();
         let n = geom.n_chunks();
         if index >= n {
             return Err(ChunkError::OutOfRange);
@@ -283,7 +277,7 @@ impl VerifiedChunk {
             }
             pieces
         };
-        Ok(VerifiedChunk { index, data: Arc::new(Pooled(data)), pieces })
+        Ok(VerifiedChunk { index, data: Arc::new(data), pieces })
     }
 
     /// The CVs of this chunk's pieces, if it is cut into pieces.
@@ -296,20 +290,25 @@ impl VerifiedChunk {
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.data.0
+        &self.data
+    }
+
+    /// The buffer the bytes are in (the disk cache writes a registered slot without a copy).
+    pub fn buf(&self) -> &Buf {
+        &self.data
     }
 
     pub fn len(&self) -> usize {
-        self.data.0.len()
+        self.data.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.data.0.is_empty()
+        self.data.is_empty()
     }
 
     /// Bytes of memory it holds (a recycled buffer may be larger than the chunk).
     pub fn mem_cost(&self) -> usize {
-        self.data.0.capacity() + self.pieces.as_ref().map_or(0, |p| p.cvs.len() * 32)
+        self.data.capacity() + self.pieces.as_ref().map_or(0, |p| p.cvs.len() * 32)
     }
 }
 
@@ -317,7 +316,7 @@ impl fmt::Debug for VerifiedChunk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VerifiedChunk")
             .field("index", &self.index)
-            .field("len", &self.data.0.len())
+            .field("len", &self.data.len())
             .finish()
     }
 }

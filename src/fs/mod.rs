@@ -660,10 +660,13 @@ impl Fs {
                 let _ = writeln!(s, "cache_evictions {}", g(&st.evictions));
                 let _ = writeln!(s, "cache_verify_failures {}", g(&st.verify_failures));
                 let _ = writeln!(s, "cache_write_errors {}", g(&st.write_errors));
-                let (sqes, enters, max_batch) = d.io_stats();
-                let _ = writeln!(s, "cache_uring_sqes {sqes}");
-                let _ = writeln!(s, "cache_uring_enters {enters}");
-                let _ = writeln!(s, "cache_uring_max_batch {max_batch}");
+                let io = d.io_stats();
+                let _ = writeln!(s, "cache_uring_sqes {}", io.sqes);
+                let _ = writeln!(s, "cache_uring_enters {}", io.enters);
+                let _ = writeln!(s, "cache_uring_max_batch {}", io.max_batch);
+                let _ = writeln!(s, "cache_uring_slots {}", io.slots);
+                let _ = writeln!(s, "cache_zero_copy_writes {}", io.zero_copy_writes);
+                let _ = writeln!(s, "cache_zero_copy_reads {}", io.zero_copy_reads);
                 h
             }
             None => {

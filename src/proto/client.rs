@@ -14,6 +14,7 @@ use super::cc::{Rtt, Window, MAX_RTO};
 use super::frame::{self, Missing, RESP_HDR};
 use super::session::{handshake_key, ReplayWindow, SessionKeys};
 use super::wire::{self, Header, Kind, HEADER_LEN, MAC_LEN, MIN_DATAGRAM};
+use crate::chunk::Buf;
 use crate::error::Error;
 
 #[derive(Clone)]
@@ -28,7 +29,7 @@ pub struct Config {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// A request finished: its response body, or why it failed.
-    Done { id: u64, result: Result<Vec<u8>, Error> },
+    Done { id: u64, result: Result<Buf, Error> },
     /// The server answered our HELLO with REJECT: the keys differ.
     AuthRejected,
     /// A session is established (first time or after the server came back).
@@ -56,7 +57,7 @@ struct Assembly {
     count: u16,
     have: Vec<u64>,
     got: u16,
-    buf: Vec<u8>,
+    buf: Buf,
 }
 
 impl Assembly {

@@ -4,7 +4,7 @@
 //! a copy.
 
 use super::wire::{R, W};
-use crate::chunk::Cv;
+use crate::chunk::{Buf, Cv};
 use crate::error::Error;
 use crate::types::{Attr, DirEntry, FileInfo, FileKind, StatFs, Version};
 
@@ -35,7 +35,8 @@ pub enum Response {
     Link(Vec<u8>),
     Opened { info: FileInfo, inline: Option<Vec<u8>> },
     Cvs { leaves: Vec<Cv>, proof: Vec<Cv> },
-    Data(Vec<u8>),
+    /// A chunk's bytes (in a registered slot when they arrived into one).
+    Data(Buf),
     StatFs(StatFs),
     Error(Error),
 }
@@ -168,7 +169,8 @@ impl Response {
     /// Encode, consuming: a data payload gets its tag appended in place instead of being copied.
     pub fn into_bytes(self) -> Vec<u8> {
         match self {
-            Response::Data(mut d) => {
+            Response::Data(d) => {
+                let mut d = d.into_vec();
                 d.push(7);
                 d
             }
@@ -244,7 +246,8 @@ impl Response {
     }
 
     /// Decode, taking ownership so a data payload is returned without a copy.
-    pub fn decode(mut d: Vec<u8>) -> Result<Response, Error> {
+    pub fn decode(d: impl Into<Buf>) -> Result<Response, Error> {
+        let mut d: Buf = d.into();
         let tag = d.pop().ok_or(Error::Invalid)?;
         if tag == 7 {
             return Ok(Response::Data(d));
@@ -363,8 +366,8 @@ mod tests {
                 inline: Some(vec![1, 2, 3]),
             },
             Response::Cvs { leaves: vec![[1; 32], [2; 32]], proof: vec![[3; 32]] },
-            Response::Data(vec![9; 1000]),
-            Response::Data(vec![]),
+            Response::Data(vec![9; 1000].into()),
+            Response::Data(vec![].into()),
             Response::StatFs(StatFs { blocks: 1, bfree: 2, bavail: 3, files: 4, ffree: 5, bsize: 6, namelen: 7, frsize: 8 }),
             Response::Error(Error::Stale),
         ];

@@ -101,7 +101,7 @@ impl Sim {
         while let Some(e) = self.client.poll_event() {
             match e {
                 Event::Done { id, result } => {
-                    self.done.insert(id, result);
+                    self.done.insert(id, result.map(|b| b.into_vec()));
                 }
                 other => self.events.push(other),
             }

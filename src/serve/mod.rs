@@ -191,7 +191,7 @@ impl Handler {
                 if version_of(&file.buffered) != Some(version) {
                     return Err(Error::Stale);
                 }
-                Response::Data(buf)
+                Response::Data(buf.into())
             }
             Request::StatFs { share } => Response::StatFs(self.exports.statfs(self.share(&share)?)?),
         })

@@ -2,15 +2,23 @@
 //! in-flight operations. Other threads hand it [`Op`]s by channel and get the result back through
 //! a callback that runs on the ring thread (it should only send on a channel).
 //!
-//! - Buffers: a pool of [`AlignedBuf`]s (alignment from the device, see `sys::disk::dio_align`),
-//!   registered with `register_buffers`; reads are `ReadFixed`, writes `WriteFixed`. An operation
-//!   larger than one buffer is split into parts, one buffer and one SQE each.
-//! - A buffer belongs to its operation until the kernel's completion for it arrives, whatever the
-//!   requester does meanwhile; at shutdown the thread waits for every completion first.
+//! - Buffers: an [`Arena`] of equal slots of [`AlignedBuf`] memory (alignment from the device,
+//!   see `sys::disk::dio_align`), registered with the ring; reads are `ReadFixed`, writes
+//!   `WriteFixed`. An operation larger than one slot is split into parts, one slot and one SQE
+//!   each. `n_bufs` slots are registered at start and kept for the ring's own parts; more are
+//!   registered on demand (a sparse table of `max_bufs`) and lent out as chunk buffers
+//!   ([`Lease`], through [`crate::chunk::pool`]): a response reassembled into one is written
+//!   from it, and a read that fits one slot is handed over in the slot it landed in — the bytes
+//!   are never copied between the network, the disk and the reader's chunk.
+//! - A slot belongs to its operation until the kernel's completion for it arrives, whatever the
+//!   requester does meanwhile; at shutdown the thread waits for every completion first. A lent
+//!   slot comes back when its last holder drops it; the registered memory lives until the ring
+//!   is gone and no lease is left.
 //! - Batching: everything queued while the thread was waiting is pushed, then one
 //!   `io_uring_enter` submits it all and waits for at least one completion.
 //! - Waking: an `eventfd` read is kept armed in the ring; a requester writes the eventfd after
-//!   queueing, so the ring thread only ever sleeps inside `io_uring_enter`.
+//!   queueing (so does a returned slot the thread waits for, and a borrower that found none), so
+//!   the ring thread only ever sleeps inside `io_uring_enter`.
 //! - Fallback: when the ring cannot be set up, buffers cannot be registered, or the kernel lacks
 //!   an opcode, the thread says so once and serves the same requests with `pread`/`pwrite`.
 
@@ -23,8 +31,10 @@ use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use crate::chunk::pool::{Buf, Slot, SlotSource};
 
 use io_uring::{opcode, types, IoUring, Probe};
 
@@ -84,10 +94,14 @@ impl Drop for AlignedBuf {
 /// One I/O request. Offsets and lengths must respect the file's `O_DIRECT` alignment when the
 /// file was opened with `O_DIRECT` (the caller pads).
 pub enum Op {
-    /// Read `len` bytes at `offset`. Completes with the bytes read (shorter at end of file).
+    /// Read `len` bytes at `offset`. Completes with the bytes read (shorter at end of file): in
+    /// the registered slot they were read into when the read fits one slot and enough slots stay
+    /// free, else copied to the heap.
     Read { file: Arc<File>, offset: u64, len: usize },
-    /// Write `data`, zero-padded to `padded` bytes, at `offset`. Completes with an empty Vec.
-    Write { file: Arc<File>, offset: u64, data: Box<dyn AsRef<[u8]> + Send>, padded: usize },
+    /// Write `data`, zero-padded to `padded` bytes, at `offset`. Completes with an empty buffer.
+    /// When `data` lies in one of this ring's slots and needs no padding it is written from
+    /// there (no copy); otherwise it is copied into free slots first.
+    Write { file: Arc<File>, offset: u64, data: Box<dyn AsRef<Buf> + Send>, padded: usize },
 }
 
 impl Op {
@@ -97,10 +111,17 @@ impl Op {
             Op::Write { padded, .. } => *padded,
         }
     }
+
+    fn write_data(&self) -> Option<&Buf> {
+        match self {
+            Op::Write { data, .. } => Some((**data).as_ref()),
+            Op::Read { .. } => None,
+        }
+    }
 }
 
 /// Called on the ring thread with the result of an [`Op`]. Keep it short (send on a channel).
-pub type Done = Box<dyn FnOnce(io::Result<Vec<u8>>) + Send>;
+pub type Done = Box<dyn FnOnce(io::Result<Buf>) + Send>;
 
 enum Msg {
     /// Operations that go into the ring together (one `io_uring_enter`).
@@ -119,9 +140,13 @@ pub enum Mode {
 #[derive(Clone, Debug)]
 pub struct IoConfig {
     pub align: usize,
-    /// Size of one pool buffer (a multiple of `align`).
+    /// Size of one slot of registered memory (a multiple of `align`).
     pub buf_size: usize,
+    /// Slots registered at start and always kept for the ring's own use: the largest operation
+    /// is `n_bufs` slots.
     pub n_bufs: usize,
+    /// The most slots ever registered (lent ones included; more are added as they are asked for).
+    pub max_bufs: usize,
     /// Use pread/pwrite even if io_uring works (tests).
     pub force_sync: bool,
 }
@@ -133,29 +158,39 @@ pub struct IoStats {
     pub enters: AtomicU64,
     /// Most SQEs one `io_uring_enter` submitted.
     pub max_batch: AtomicU64,
+    /// Writes issued straight from the data's own registered slot (no copy).
+    pub zero_copy_writes: AtomicU64,
+    /// Reads completed in the slot they landed in (no copy).
+    pub zero_copy_reads: AtomicU64,
+    /// Slots registered now.
+    pub slots: AtomicU64,
 }
 
 /// Handle to the ring thread. Dropping it stops the thread after every operation completed.
 pub struct IoThread {
     tx: Sender<Msg>,
-    wake: Option<File>,
+    wake: Option<Arc<File>>,
     mode: Mode,
+    arena: Option<Arc<Arena>>,
     join: Option<JoinHandle<()>>,
     pub stats: Arc<IoStats>,
 }
 
 const WAKE: u64 = u64::MAX;
+/// Slots added at a time when lending ran dry.
+const GROW_BY: usize = 32;
+/// The most buffers io_uring registers (IORING_MAX_REG_BUFFERS).
+const MAX_REG_BUFFERS: usize = 16384;
 
 impl IoThread {
     pub fn start(cfg: IoConfig) -> io::Result<IoThread> {
         assert!(cfg.align.is_power_of_two() && cfg.buf_size % cfg.align == 0 && cfg.n_bufs > 0);
         let (tx, rx) = channel();
         let stats = Arc::new(IoStats::default());
-        let mut pool: Vec<AlignedBuf> = (0..cfg.n_bufs).map(|_| AlignedBuf::new(cfg.buf_size, cfg.align)).collect();
         let ring = if cfg.force_sync {
             None
         } else {
-            match Ring::new(&mut pool) {
+            match Ring::new(&cfg) {
                 Ok(r) => Some(r),
                 Err(why) => {
                     tracing::warn!("io_uring is not usable here ({why}); the disk cache uses pread/pwrite");
@@ -164,20 +199,24 @@ impl IoThread {
             }
         };
         let mode = if ring.is_some() { Mode::Uring } else { Mode::Sync };
-        let wake = match &ring {
-            Some(r) => Some(r.wake.try_clone()?),
-            None => None,
-        };
+        let wake = ring.as_ref().map(|r| r.arena.wake.clone());
+        let arena = ring.as_ref().map(|r| r.arena.clone());
         let st = stats.clone();
         let join = std::thread::Builder::new().name("wraith-uring".into()).spawn(move || match ring {
-            Some(r) => r.run(pool, rx, cfg.buf_size, &st),
-            None => run_sync(pool, rx, cfg.buf_size),
+            Some(r) => r.run(rx, &st),
+            None => run_sync(AlignedBuf::new(cfg.buf_size, cfg.align), rx, cfg.buf_size),
         })?;
-        Ok(IoThread { tx, wake, mode, join: Some(join), stats })
+        Ok(IoThread { tx, wake, mode, arena, join: Some(join), stats })
     }
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Where chunk buffers can borrow registered memory (io_uring mode only): see
+    /// [`crate::chunk::pool`].
+    pub fn slot_source(&self) -> Option<Arc<dyn SlotSource>> {
+        self.arena.as_ref().map(|a| Arc::new(Lender(a.clone())) as Arc<dyn SlotSource>)
     }
 
     /// Queue `op`; `done` runs on the ring thread when it completed (or failed).
@@ -186,7 +225,7 @@ impl IoThread {
     }
 
     /// Queue several operations at once: they are pushed together and submitted with one
-    /// `io_uring_enter` (as far as free buffers allow).
+    /// `io_uring_enter` (as far as free slots allow).
     pub fn submit_many(&self, ops: Vec<(Op, Done)>) {
         if ops.is_empty() {
             return;
@@ -202,9 +241,13 @@ impl IoThread {
 
     fn poke(&self) {
         if let Some(w) = &self.wake {
-            let _ = (&*w).write(&1u64.to_ne_bytes());
+            poke(w);
         }
     }
+}
+
+fn poke(wake: &File) {
+    let _ = (&*wake).write(&1u64.to_ne_bytes());
 }
 
 impl Drop for IoThread {
@@ -221,27 +264,13 @@ fn parts(len: usize, buf_size: usize) -> usize {
     len.div_ceil(buf_size).max(1)
 }
 
-fn copy_in(op: &Op, bufs: &mut [AlignedBuf], ids: &[u16], buf_size: usize) {
-    if let Op::Write { data, padded, .. } = op {
-        let data = data.as_ref().as_ref();
-        for (i, &b) in ids.iter().enumerate() {
-            let start = i * buf_size;
-            let part = (*padded - start).min(buf_size);
-            let dst = &mut bufs[b as usize].as_mut_slice()[..part];
-            let have = data.len().saturating_sub(start).min(part);
-            dst[..have].copy_from_slice(&data[start..start + have]);
-            dst[have..].fill(0);
-        }
-    }
-}
-
 /// pread/pwrite, one operation at a time, through one aligned buffer.
-fn run_sync(mut pool: Vec<AlignedBuf>, rx: Receiver<Msg>, buf_size: usize) {
+fn run_sync(mut buf: AlignedBuf, rx: Receiver<Msg>, buf_size: usize) {
     loop {
         match rx.recv() {
             Ok(Msg::Ops(ops)) => {
                 for (op, done) in ops {
-                    done(sync_op(&op, &mut pool[0], buf_size));
+                    done(sync_op(&op, &mut buf, buf_size));
                 }
             }
             Ok(Msg::Stop) | Err(_) => return,
@@ -249,7 +278,7 @@ fn run_sync(mut pool: Vec<AlignedBuf>, rx: Receiver<Msg>, buf_size: usize) {
     }
 }
 
-fn sync_op(op: &Op, buf: &mut AlignedBuf, buf_size: usize) -> io::Result<Vec<u8>> {
+fn sync_op(op: &Op, buf: &mut AlignedBuf, buf_size: usize) -> io::Result<Buf> {
     match op {
         Op::Read { file, offset, len } => {
             let mut out = Vec::with_capacity(*len);
@@ -261,37 +290,155 @@ fn sync_op(op: &Op, buf: &mut AlignedBuf, buf_size: usize) -> io::Result<Vec<u8>
                     break;
                 }
             }
-            Ok(out)
+            Ok(out.into())
         }
         Op::Write { file, offset, padded, .. } => {
             let mut done = 0;
             while done < *padded {
                 let part = (*padded - done).min(buf_size);
-                copy_in_part(op, buf, done, part);
+                copy_in_part(op, &mut buf.as_mut_slice()[..part], done);
                 file.write_all_at(&buf.as_slice()[..part], offset + done as u64)?;
                 done += part;
             }
-            Ok(Vec::new())
+            Ok(Vec::new().into())
         }
     }
 }
 
-fn copy_in_part(op: &Op, buf: &mut AlignedBuf, start: usize, part: usize) {
-    if let Op::Write { data, .. } = op {
-        let data = data.as_ref().as_ref();
-        let have = data.len().saturating_sub(start).min(part);
-        let dst = &mut buf.as_mut_slice()[..part];
+/// Fill `dst` with the write's bytes from `start` on, zero past their end.
+fn copy_in_part(op: &Op, dst: &mut [u8], start: usize) {
+    if let Some(data) = op.write_data() {
+        let have = data.len().saturating_sub(start).min(dst.len());
         dst[..have].copy_from_slice(&data[start..start + have]);
         dst[have..].fill(0);
+    }
+}
+
+/// Memory registered with the ring, in slots of one size. Slot `i` is registered at buffer index
+/// `i`. A slot is either free (in `free`), used by one part of an operation in flight, or lent
+/// out as a [`Lease`] that gives it back when dropped. Registered memory is never freed while the
+/// ring exists: the ring thread holds the arena until the ring is gone, and every lease holds it.
+pub struct Arena {
+    slot: usize,
+    align: usize,
+    /// Slots lending never takes: operations of up to this many parts always get their slots.
+    reserve: usize,
+    state: Mutex<ArenaState>,
+    /// The ring thread's eventfd.
+    wake: Arc<File>,
+}
+
+struct ArenaState {
+    bufs: Vec<AlignedBuf>,
+    free: Vec<u16>,
+    /// How many slots the ring's table holds.
+    max: usize,
+    /// A borrower found nothing free: the ring thread registers more (up to `max`).
+    grow: bool,
+    /// The ring thread waits for slots to come back.
+    waiting: bool,
+}
+
+impl Arena {
+    fn lease(self: &Arc<Self>, st: &ArenaState, id: u16) -> Lease {
+        Lease { arena: self.clone(), id, ptr: st.bufs[id as usize].ptr, len: self.slot }
+    }
+
+    /// `n` slots for an operation's parts (reserve included), or None (then the ring waits).
+    fn take(self: &Arc<Self>, n: usize) -> Option<Vec<Lease>> {
+        let mut st = self.state.lock().unwrap();
+        if st.free.len() < n {
+            st.waiting = true;
+            return None;
+        }
+        let at = st.free.len() - n;
+        let ids: Vec<u16> = st.free.drain(at..).collect();
+        Some(ids.into_iter().map(|id| self.lease(&st, id)).collect())
+    }
+
+    /// Whether a slot may leave the ring for good (as a read's result) and keep the reserve.
+    fn can_lend(&self) -> bool {
+        self.state.lock().unwrap().free.len() >= self.reserve
+    }
+
+    fn give_back(&self, id: u16) {
+        let mut st = self.state.lock().unwrap();
+        st.free.push(id);
+        if std::mem::take(&mut st.waiting) {
+            drop(st);
+            poke(&self.wake);
+        }
+    }
+}
+
+/// Lends the arena's slots to chunk buffers (see [`crate::chunk::pool`]), never its reserve.
+struct Lender(Arc<Arena>);
+
+impl SlotSource for Lender {
+    fn lend(&self, len: usize) -> Option<Box<dyn Slot>> {
+        let a = &self.0;
+        if len > a.slot {
+            return None;
+        }
+        let mut st = a.state.lock().unwrap();
+        if st.free.len() > a.reserve {
+            let id = st.free.pop().unwrap();
+            return Some(Box::new(a.lease(&st, id)));
+        }
+        if st.bufs.len() < st.max && !st.grow {
+            st.grow = true;
+            drop(st);
+            poke(&a.wake);
+        }
+        None
+    }
+}
+
+/// One slot of the arena, owned by whoever holds it; back to the free list when dropped.
+pub struct Lease {
+    arena: Arc<Arena>,
+    id: u16,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Lease owns its slot's bytes exclusively (the id is out of the free list until the
+// Lease drops), like a Box<[u8]>; the memory lives as long as the arena, which the Lease holds.
+unsafe impl Send for Lease {}
+// SAFETY: shared access only reads (as_slice); writing needs &mut.
+unsafe impl Sync for Lease {}
+
+impl Slot for Lease {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is the slot's allocation (an AlignedBuf the arena keeps until it
+        // drops, after this Lease), initialised at allocation, and no one else uses this slot.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.arena.give_back(self.id);
     }
 }
 
 struct InFlight {
     op: Op,
     done: Done,
-    bufs: Vec<u16>,
+    /// The slot of each part (None: a write from its data's own slot).
+    slots: Vec<Option<Lease>>,
     left: usize,
-    out: Vec<u8>,
+    /// Bytes read so far into the heap (reads of several parts).
+    out: Option<Vec<u8>>,
     /// Smallest end of a short part (reads) — the result is cut there.
     short: Option<usize>,
     err: Option<io::Error>,
@@ -299,13 +446,16 @@ struct InFlight {
 
 struct Ring {
     ring: IoUring,
-    wake: File,
+    arena: Arc<Arena>,
     wake_buf: Box<u64>,
+    warned_grow: bool,
 }
 
 impl Ring {
-    fn new(pool: &mut [AlignedBuf]) -> io::Result<Ring> {
-        let ring = IoUring::new((pool.len() as u32 + 8).next_power_of_two().max(64))?;
+    fn new(cfg: &IoConfig) -> io::Result<Ring> {
+        let max = cfg.max_bufs.max(cfg.n_bufs).min(MAX_REG_BUFFERS);
+        // Every queued part holds a slot (or is a write from its own slot): room for all of them.
+        let ring = IoUring::new((max as u32 + 8).next_power_of_two().clamp(64, 32768))?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for (code, name) in [
@@ -317,92 +467,157 @@ impl Ring {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, format!("kernel lacks IORING_OP_{name}")));
             }
         }
-        let iovecs: Vec<libc::iovec> = pool
-            .iter_mut()
-            .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
-            .collect();
-        // SAFETY: every iovec describes a live AlignedBuf of the pool. The pool moves into the ring
-        // thread together with the ring (heap memory does not move) and is dropped only after the
-        // ring (see `run`), so the registered memory outlives the registration.
-        unsafe { ring.submitter().register_buffers(&iovecs)? };
+        let mut bufs: Vec<AlignedBuf> = (0..cfg.n_bufs).map(|_| AlignedBuf::new(cfg.buf_size, cfg.align)).collect();
+        let iovecs: Vec<libc::iovec> =
+            bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+        // A table with room for `max` slots, filled as lending needs them; a kernel without sparse
+        // tables gets the reserve only.
+        let max = match ring.submitter().register_buffers_sparse(max as u32) {
+            // SAFETY: every iovec describes a live AlignedBuf that moves into the arena, which
+            // outlives the ring (see `run`), so the registered memory outlives the registration.
+            Ok(()) => unsafe { ring.submitter().register_buffers_update(0, &iovecs, None).map(|()| max)? },
+            Err(_) => {
+                // SAFETY: as above.
+                unsafe { ring.submitter().register_buffers(&iovecs)? };
+                cfg.n_bufs
+            }
+        };
         // SAFETY: eventfd(2) has no memory arguments; a non-negative return is a new fd we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let wake = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        Ok(Ring { ring, wake, wake_buf: Box::new(0) })
+        let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+        let free = (0..cfg.n_bufs as u16).rev().collect();
+        let arena = Arc::new(Arena {
+            slot: cfg.buf_size,
+            align: cfg.align,
+            reserve: cfg.n_bufs,
+            state: Mutex::new(ArenaState { bufs, free, max, grow: false, waiting: false }),
+            wake,
+        });
+        Ok(Ring { ring, arena, wake_buf: Box::new(0), warned_grow: false })
     }
 
     fn arm_wake(&mut self) {
-        let e = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), (&mut *self.wake_buf as *mut u64).cast(), 8)
+        let e = opcode::Read::new(types::Fd(self.arena.wake.as_raw_fd()), (&mut *self.wake_buf as *mut u64).cast(), 8)
             .build()
             .user_data(WAKE);
         // SAFETY: wake_buf is a heap u64 owned by self that lives until the wake read's completion
-        // has been reaped (run() waits for it before returning); the fd stays open as long.
-        // The SQ has room: it holds n_bufs + 8 entries and at most n_bufs parts are ever queued.
+        // has been reaped (run() waits for it before returning); the fd stays open as long (the
+        // arena holds it). The SQ has room: it holds more entries than there are slots, and every
+        // queued part holds a slot.
         unsafe { self.ring.submission().push(&e).expect("submission queue has room for the wake read") };
     }
 
-    fn run(mut self, mut pool: Vec<AlignedBuf>, rx: Receiver<Msg>, buf_size: usize, stats: &IoStats) {
-        let mut free: Vec<u16> = (0..pool.len() as u16).rev().collect();
+    /// Register up to [`GROW_BY`] more slots when a borrower found none free.
+    fn grow(&mut self, stats: &IoStats) {
+        let a = &self.arena;
+        let mut st = a.state.lock().unwrap();
+        if !std::mem::take(&mut st.grow) {
+            return;
+        }
+        let have = st.bufs.len();
+        let n = GROW_BY.min(st.max - have);
+        if n == 0 {
+            return;
+        }
+        let mut new: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::new(a.slot, a.align)).collect();
+        let iovecs: Vec<libc::iovec> =
+            new.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
+        // SAFETY: the iovecs describe the new AlignedBufs, which move into the arena below (heap
+        // memory does not move) and live until after the ring is gone.
+        match unsafe { self.ring.submitter().register_buffers_update(have as u32, &iovecs, None) } {
+            Ok(()) => {
+                st.bufs.append(&mut new);
+                st.free.extend((have..have + n).map(|i| i as u16));
+                stats.slots.store(st.bufs.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // Memory lock limit reached (RLIMIT_MEMLOCK without CAP_IPC_LOCK), most likely.
+                st.max = have;
+                if !std::mem::replace(&mut self.warned_grow, true) {
+                    tracing::info!("io_uring registered {have} buffers and no more ({e}); further chunks use heap memory");
+                }
+            }
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>, stats: &IoStats) {
+        let slot = self.arena.slot;
         let mut table: Vec<Option<InFlight>> = Vec::new();
         let mut pending: VecDeque<(Op, Done)> = VecDeque::new();
         let mut inflight = 0usize;
         let mut stopping = false;
         let mut wake_armed = true;
         let mut batch = 0u64;
+        stats.slots.store(self.arena.reserve as u64, Ordering::Relaxed);
         self.arm_wake();
         loop {
-            // Start what fits in the free buffers, in order.
+            self.grow(stats);
+            // Start what fits in the free slots, in order.
             while let Some((op, _)) = pending.front() {
-                let need = parts(op.len(), buf_size);
-                if need > pool.len() {
+                // A write whose bytes already lie in one of our slots goes from there.
+                let own = op.write_data().and_then(|d| {
+                    let l = d.slot()?.as_any().downcast_ref::<Lease>()?;
+                    (Arc::ptr_eq(&l.arena, &self.arena) && d.len() == op.len()).then_some((l.ptr, l.id))
+                });
+                let need = if own.is_some() { 0 } else { parts(op.len(), slot) };
+                if need > self.arena.reserve {
                     let (_, done) = pending.pop_front().unwrap();
                     done(Err(io::Error::new(io::ErrorKind::InvalidInput, "operation larger than the buffer pool")));
                     continue;
                 }
-                if need > free.len() {
-                    break;
-                }
+                let Some(mut slots) = self.arena.take(need) else { break };
                 let (op, done) = pending.pop_front().unwrap();
-                let ids: Vec<u16> = (0..need).map(|_| free.pop().unwrap()).collect();
-                copy_in(&op, &mut pool, &ids, buf_size);
-                let slot = table.iter().position(Option::is_none).unwrap_or_else(|| {
+                for (i, l) in slots.iter_mut().enumerate() {
+                    let start = i * slot;
+                    let part = (op.len() - start).min(slot);
+                    copy_in_part(&op, &mut l.bytes_mut()[..part], start);
+                }
+                let idx = table.iter().position(Option::is_none).unwrap_or_else(|| {
                     table.push(None);
                     table.len() - 1
                 });
-                for (i, &b) in ids.iter().enumerate() {
-                    let start = i * buf_size;
-                    let part = (op.len() - start).min(buf_size) as u32;
-                    let ptr = pool[b as usize].as_mut_ptr();
-                    let ud = ((slot as u64) << 16) | i as u64;
+                let places: Vec<(NonNull<u8>, u16)> = match own {
+                    Some(p) => vec![p],
+                    None => slots.iter().map(|l| (l.ptr, l.id)).collect(),
+                };
+                for (i, &(ptr, id)) in places.iter().enumerate() {
+                    let start = i * slot;
+                    let part = (op.len() - start).min(slot) as u32;
+                    let ud = ((idx as u64) << 16) | i as u64;
                     let e = match &op {
                         Op::Read { file, offset, .. } => {
-                            opcode::ReadFixed::new(types::Fd(file.as_raw_fd()), ptr, part, b)
+                            opcode::ReadFixed::new(types::Fd(file.as_raw_fd()), ptr.as_ptr(), part, id)
                                 .offset(offset + start as u64)
                                 .build()
                         }
                         Op::Write { file, offset, .. } => {
-                            opcode::WriteFixed::new(types::Fd(file.as_raw_fd()), ptr, part, b)
+                            opcode::WriteFixed::new(types::Fd(file.as_raw_fd()), ptr.as_ptr(), part, id)
                                 .offset(offset + start as u64)
                                 .build()
                         }
                     };
-                    // SAFETY: buffer b is registered at index b, is `part` bytes or longer and
-                    // is removed from the free list until this part's completion is reaped; the
-                    // file is kept open by the Arc inside the InFlight entry until then. The SQ
-                    // holds n_bufs + 8 entries and at most n_bufs parts + 1 wake are queued.
+                    // SAFETY: slot `id` is registered at index `id` and is `part` bytes or longer.
+                    // It stays ours until this part's completion is reaped: a part's Lease, or
+                    // the write's own data (kept alive by the op), sit in the InFlight entry
+                    // until then; the kernel only reads a write's data. The file is kept open by
+                    // the Arc in the op. The SQ has more entries than there are slots.
                     unsafe { self.ring.submission().push(&e.user_data(ud)).expect("submission queue has room") };
                     stats.sqes.fetch_add(1, Ordering::Relaxed);
                     batch += 1;
                 }
+                if own.is_some() {
+                    stats.zero_copy_writes.fetch_add(1, Ordering::Relaxed);
+                }
                 let out = match &op {
-                    Op::Read { len, .. } => crate::chunk::pool::take(*len),
-                    Op::Write { .. } => Vec::new(),
+                    Op::Read { len, .. } if places.len() > 1 => Some(crate::chunk::pool::take_vec(*len)),
+                    _ => None,
                 };
-                table[slot] = Some(InFlight { op, done, left: ids.len(), bufs: ids, out, short: None, err: None });
+                let slots: Vec<Option<Lease>> = if own.is_some() { vec![None] } else { slots.into_iter().map(Some).collect() };
+                table[idx] = Some(InFlight { op, done, left: places.len(), slots, out, short: None, err: None });
                 inflight += 1;
             }
             if stopping && inflight == 0 && pending.is_empty() {
@@ -410,7 +625,7 @@ impl Ring {
                     break;
                 }
                 // Complete our own wake read so its buffer is not in use when we return.
-                let _ = (&self.wake).write(&1u64.to_ne_bytes());
+                poke(&self.arena.wake);
             }
             stats.enters.fetch_add(1, Ordering::Relaxed);
             stats.max_batch.fetch_max(batch, Ordering::Relaxed);
@@ -420,11 +635,13 @@ impl Ring {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => {
                     tracing::error!("io_uring_enter failed: {e}; the disk cache stops");
-                    // Nothing can complete any more: fail what waits (buffers stay leaked in-kernel).
+                    // Nothing can complete any more: fail what waits; what is in flight keeps
+                    // its slots (leaked with the arena: the kernel may still use them).
                     for (_, done) in pending.drain(..) {
                         done(Err(io::Error::other("io_uring failed")));
                     }
-                    std::mem::forget(pool);
+                    std::mem::forget(table);
+                    std::mem::forget(self.arena.clone());
                     return;
                 }
             }
@@ -448,49 +665,69 @@ impl Ring {
                     }
                     continue;
                 }
-                let (slot, part) = ((ud >> 16) as usize, (ud & 0xffff) as usize);
-                let Some(f) = table[slot].as_mut() else { continue };
-                let b = f.bufs[part];
-                let start = part * buf_size;
-                let want = (f.op.len() - start).min(buf_size);
+                let (idx, part) = ((ud >> 16) as usize, (ud & 0xffff) as usize);
+                let Some(f) = table[idx].as_mut() else { continue };
+                let start = part * slot;
+                let want = (f.op.len() - start).min(slot);
                 if res < 0 {
                     f.err.get_or_insert(io::Error::from_raw_os_error(-res));
                 } else {
                     let n = res as usize;
-                    match &f.op {
-                        Op::Read { .. } => {
-                            f.out[start..start + n].copy_from_slice(&pool[b as usize].as_slice()[..n]);
-                            if n < want {
-                                f.short = Some(f.short.map_or(start + n, |s| s.min(start + n)));
-                            }
+                    if n < want {
+                        f.short = Some(f.short.map_or(start + n, |s| s.min(start + n)));
+                    }
+                    if let Some(out) = f.out.as_mut() {
+                        if let Some(l) = f.slots[part].take() {
+                            out[start..start + n].copy_from_slice(&l.bytes()[..n]);
                         }
-                        Op::Write { .. } if n < want => {
-                            f.err.get_or_insert(io::Error::new(io::ErrorKind::WriteZero, "short write"));
-                        }
-                        Op::Write { .. } => {}
                     }
                 }
-                free.push(b);
                 f.left -= 1;
                 if f.left == 0 {
-                    let mut f = table[slot].take().unwrap();
+                    let f = table[idx].take().unwrap();
                     inflight -= 1;
-                    let r = match f.err.take() {
-                        Some(e) => Err(e),
-                        None => {
-                            if let Some(s) = f.short {
-                                f.out.truncate(s);
-                            }
-                            Ok(std::mem::take(&mut f.out))
-                        }
-                    };
-                    (f.done)(r);
+                    self.finish(f, stats);
                 }
             }
         }
-        // The ring (and its registration) goes first, then the buffers.
-        drop(self);
-        drop(pool);
+        // The ring (and its registration) goes first, then the arena (unless leases hold it).
+        let Ring { ring, arena, wake_buf, .. } = self;
+        drop(ring);
+        drop(wake_buf);
+        drop(arena);
+    }
+
+    /// Hand a completed operation's result to its requester.
+    fn finish(&self, mut f: InFlight, stats: &IoStats) {
+        let r = match (f.err.take(), &f.op) {
+            (Some(e), _) => Err(e),
+            (None, Op::Write { .. }) if f.short.is_some() => Err(io::Error::new(io::ErrorKind::WriteZero, "short write")),
+            (None, Op::Write { .. }) => Ok(Buf::from(Vec::new())),
+            (None, Op::Read { len, .. }) => {
+                let n = f.short.unwrap_or(*len);
+                match (f.out.take(), f.slots.pop().flatten()) {
+                    (Some(mut out), _) => {
+                        out.truncate(n);
+                        Ok(out.into())
+                    }
+                    // Where it landed, if the ring keeps its reserve without this slot.
+                    (None, Some(l)) if self.arena.can_lend() => {
+                        stats.zero_copy_reads.fetch_add(1, Ordering::Relaxed);
+                        Ok(Buf::from_slot(Box::new(l), n))
+                    }
+                    (None, Some(l)) => {
+                        // Register more, so that later reads can stay where they land.
+                        self.arena.state.lock().unwrap().grow = true;
+                        let mut v = crate::chunk::pool::take_vec(n);
+                        v.copy_from_slice(&l.bytes()[..n]);
+                        Ok(v.into())
+                    }
+                    (None, None) => Ok(Buf::from(Vec::new())),
+                }
+            }
+        };
+        drop(f.slots);
+        (f.done)(r);
     }
 }
 
@@ -504,7 +741,7 @@ mod tests {
         let f = Arc::new(
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap(),
         );
-        let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, force_sync }).unwrap();
+        let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, max_bufs: 4, force_sync }).unwrap();
         if force_sync {
             assert_eq!(io.mode(), Mode::Sync);
         }
@@ -514,14 +751,14 @@ mod tests {
             let data: Vec<u8> = (0..5000).map(|j| (i as usize * 7 + j) as u8).collect();
             let tx = tx.clone();
             io.submit(
-                Op::Write { file: f.clone(), offset: i * 8192, data: Box::new(data), padded: 8192 },
+                Op::Write { file: f.clone(), offset: i * 8192, data: Box::new(Buf::from(data)), padded: 8192 },
                 Box::new(move |r| tx.send(r.map(|_| ())).unwrap()),
             );
         }
         let big: Vec<u8> = (0..20000).map(|j| (j % 251) as u8).collect();
         let txb = tx.clone();
         io.submit(
-            Op::Write { file: f.clone(), offset: 20 * 8192, data: Box::new(big.clone()), padded: 20480 },
+            Op::Write { file: f.clone(), offset: 20 * 8192, data: Box::new(Buf::from(big.clone())), padded: 20480 },
             Box::new(move |r| txb.send(r.map(|_| ())).unwrap()),
         );
         for _ in 0..21 {
@@ -557,7 +794,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::File::create(dir.path().join("f")).unwrap().set_len(8 * 8192).unwrap();
         let f = Arc::new(std::fs::File::open(dir.path().join("f")).unwrap());
-        let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 8, force_sync: false }).unwrap();
+        let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 8, max_bufs: 8, force_sync: false }).unwrap();
         assert_eq!(io.mode(), Mode::Uring, "io_uring is usable on the machines this runs on");
         let (tx, rx) = sync_channel(8);
         let ops = (0..8u64)
@@ -573,6 +810,74 @@ mod tests {
         }
         assert_eq!(io.stats.sqes.load(Ordering::Relaxed), 8);
         assert_eq!(io.stats.max_batch.load(Ordering::Relaxed), 8, "the eight reads went in with one enter");
+    }
+
+    /// Lent slots: the arena grows on demand up to its bound and never lends its reserve; a write
+    /// from a lent slot and a read into one copy nothing; a returned slot is lent again.
+    #[test]
+    fn lent_slots_are_written_and_read_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap(),
+        );
+        let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, max_bufs: 12, force_sync: false }).unwrap();
+        assert_eq!(io.mode(), Mode::Uring, "io_uring is usable on the machines this runs on");
+        let src = io.slot_source().expect("io_uring mode lends slots");
+        assert!(src.lend(8193).is_none(), "larger than a slot");
+        // The reserve is never lent: the first ask only makes the ring register more.
+        let mut lent = Vec::new();
+        for _ in 0..2000 {
+            match src.lend(8192) {
+                Some(s) => lent.push(s),
+                None if io.stats.slots.load(Ordering::Relaxed) >= 12 && lent.len() >= 8 => break,
+                None => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+        assert_eq!(lent.len(), 8, "12 slots at most, 4 of them kept");
+        assert_eq!(io.stats.slots.load(Ordering::Relaxed), 12);
+        // Write two lent slots' bytes from where they are.
+        let mut bufs: Vec<Buf> = lent.drain(..2).map(|s| Buf::from_slot(s, 8192)).collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            b.iter_mut().enumerate().for_each(|(j, x)| *x = (i * 31 + j) as u8);
+        }
+        let (tx, rx) = sync_channel(8);
+        for (i, b) in bufs.into_iter().enumerate() {
+            let tx = tx.clone();
+            io.submit(
+                Op::Write { file: f.clone(), offset: i as u64 * 8192, data: Box::new(b), padded: 8192 },
+                Box::new(move |r| tx.send(r.map(|_| ())).unwrap()),
+            );
+        }
+        rx.recv().unwrap().unwrap();
+        rx.recv().unwrap().unwrap();
+        assert_eq!(io.stats.zero_copy_writes.load(Ordering::Relaxed), 2);
+        // Those two slots are back; a read lands in a slot and stays there (the reserve is whole).
+        let (rtx, rrx) = sync_channel(8);
+        for i in 0..2u64 {
+            let rtx = rtx.clone();
+            io.submit(Op::Read { file: f.clone(), offset: i * 8192, len: 8192 }, Box::new(move |r| rtx.send((i, r)).unwrap()));
+        }
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let (i, r) = rrx.recv().unwrap();
+            let b = r.unwrap();
+            assert!(b.iter().enumerate().all(|(j, &x)| x == (i as usize * 31 + j) as u8));
+            got.push(b);
+        }
+        assert!(got.iter().all(|b| b.slot().is_some()), "reads were handed over in their slots");
+        assert_eq!(io.stats.zero_copy_reads.load(Ordering::Relaxed), 2);
+        // With every lendable slot out, a read is copied to the heap and its slot kept.
+        assert!(src.lend(8192).is_none(), "the reads hold the last two lendable slots");
+        drop(got);
+        lent.extend((0..2).map(|_| src.lend(8192).unwrap()));
+        assert!(src.lend(8192).is_none());
+        io.submit(Op::Read { file: f.clone(), offset: 0, len: 8192 }, Box::new(move |r| rtx.send((0, r)).unwrap()));
+        let b = rrx.recv().unwrap().1.unwrap();
+        assert!(b.slot().is_none() && b[1] == 1);
+        assert_eq!(io.stats.zero_copy_reads.load(Ordering::Relaxed), 2);
+        // Leases may outlive the ring.
+        drop(io);
+        drop(lent);
     }
 
     #[test]

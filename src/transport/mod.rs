@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::chunk::Buf;
 use crate::error::Error;
 use crate::proto::client::{Client, Config, Event};
 use crate::proto::msg::{Request, Response};
@@ -51,7 +52,7 @@ pub fn path_max_datagram(sock: &UdpSocket, peer: SocketAddr) -> usize {
 
 const RECV_THREADS: usize = 2;
 
-type Waiter = SyncSender<Result<Vec<u8>, Error>>;
+type Waiter = SyncSender<Result<Buf, Error>>;
 
 struct Shared {
     client: Client,
@@ -81,7 +82,7 @@ pub struct ClientTransport {
 
 /// A request in flight; wait for it with [`Pending::wait`].
 pub struct Pending {
-    rx: Receiver<Result<Vec<u8>, Error>>,
+    rx: Receiver<Result<Buf, Error>>,
     deadline: Instant,
     id: u64,
     shared: Arc<Mutex<Shared>>,
@@ -112,7 +113,7 @@ impl Pending {
         }
     }
 
-    fn finish(r: Result<Vec<u8>, Error>) -> Result<Response, Error> {
+    fn finish(r: Result<Buf, Error>) -> Result<Response, Error> {
         match Response::decode(r?)? {
             Response::Error(e) => Err(e),
             r => Ok(r),
