@@ -96,6 +96,7 @@ if cmount cold "$M" "$OPTS"; then
     sleep 0.5
     expect "cold: user.wraith.cached = 1.0000 after a full read" eq "$(xattr "$M/big.bin" user.wraith.cached)" 1.0000
     expect "cold: --stats reports the chunks written" gt "$(stat_of "$M" cache_chunks_written)" 24
+    expect "cold: chunks written from the registered memory they arrived in" gt "$(stat_of "$M" cache_zero_copy_writes)" 0
     umount_ok cold "$M"
 fi
 drop_caches
@@ -103,6 +104,7 @@ if cmount warm "$M" "$OPTS"; then
     check "warm: every file reads byte-identical" same_all "$M"
     expect "warm: nothing came from the network" eq "$(stat_of "$M" bytes_from_network)" 0
     expect "warm: chunks came from the cache" gt "$(stat_of "$M" chunks_from_cache)" 24
+    expect "warm: chunks served in the registered memory they were read into" gt "$(stat_of "$M" cache_zero_copy_reads)" 0
     expect "warm: source is cache" eq "$(xattr "$M/big.bin" user.wraith.source)" cache
     drop_caches
     check "passthrough: a verified complete file reads byte-identical" timeout 60 cmp "$SRC/big.bin" "$M/big.bin"
