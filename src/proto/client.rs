@@ -13,7 +13,7 @@ use rand::{rngs::StdRng, RngCore, SeedableRng};
 use super::cc::{Rtt, Window, MAX_RTO};
 use super::frame::{self, Missing, RESP_HDR};
 use super::session::{handshake_key, ReplayWindow, SessionKeys};
-use super::wire::{self, Header, Kind, HEADER_LEN, MAC_LEN, MIN_DATAGRAM};
+use super::wire::{self, Header, Kind, SessionKey, HEADER_LEN, MAC_LEN, MIN_DATAGRAM};
 use crate::chunk::Buf;
 use crate::error::Error;
 
@@ -264,11 +264,12 @@ impl Client {
         self.flush(now);
     }
 
-    pub fn handle_datagram(&mut self, now: Instant, d: &[u8]) {
+    /// Take one datagram (a RESPONSE is decrypted in place).
+    pub fn handle_datagram(&mut self, now: Instant, d: &mut [u8]) {
         self.stats.datagrams_in += 1;
         let Some(h) = Header::decode(d) else { return };
         match h.kind {
-            Kind::HelloAck => self.on_hello_ack(now, h, d),
+            Kind::HelloAck => self.on_hello_ack(now, h, &*d),
             Kind::Reject => {
                 if let State::Handshaking { nonce, .. } = &self.state {
                     if d.len() >= HEADER_LEN + 32 && d[HEADER_LEN..HEADER_LEN + 32] == nonce[..] {
@@ -347,12 +348,12 @@ impl Client {
     /// can check MACs in parallel before taking the lock (see [`ResponseKey::authenticate`]).
     pub fn response_key(&self) -> Option<ResponseKey> {
         match &self.state {
-            State::Up { session, keys } => Some(ResponseKey { session: *session, key: keys.s2c }),
+            State::Up { session, keys } => Some(ResponseKey { session: *session, key: keys.s2c.clone() }),
             State::Handshaking { .. } => None,
         }
     }
 
-    fn on_response(&mut self, now: Instant, d: &[u8]) {
+    fn on_response(&mut self, now: Instant, d: &mut [u8]) {
         let Some(key) = self.response_key() else { return };
         match key.authenticate(d) {
             Some(a) => self.on_authentic(now, a),
@@ -477,7 +478,7 @@ impl Client {
         let mut d = Vec::with_capacity(HEADER_LEN + REQ_HDR + r.body.len() + MAC_LEN + missing.len() * 4);
         Header { kind: Kind::Request, session: *session, pn }.encode(&mut d);
         frame::encode_request(&mut d, id, &missing, &r.body);
-        wire::seal(&keys.c2s, &mut d);
+        wire::seal_session(&keys.c2s, &mut d, 0);
         r.sent_at = Some(now);
         r.last_progress = now;
         r.retransmitted |= retransmit;
@@ -490,10 +491,10 @@ impl Client {
 #[derive(Clone)]
 pub struct ResponseKey {
     session: u64,
-    key: [u8; 32],
+    key: SessionKey,
 }
 
-/// A RESPONSE datagram whose MAC checked out. Only [`ResponseKey::authenticate`] makes one.
+/// A RESPONSE datagram that authenticated (and was decrypted in place). Only [`ResponseKey::authenticate`] makes one.
 pub struct Authentic<'a> {
     h: Header,
     body: &'a [u8],
@@ -504,12 +505,14 @@ impl ResponseKey {
         self.session
     }
 
-    pub fn authenticate<'a>(&self, d: &'a [u8]) -> Option<Authentic<'a>> {
+    /// Authenticate and decrypt `d` in place. None leaves a datagram of another kind or session
+    /// untouched (one that fails authentication is garbage afterwards).
+    pub fn authenticate<'a>(&self, d: &'a mut [u8]) -> Option<Authentic<'a>> {
         let h = Header::decode(d)?;
         if h.kind != Kind::Response || h.session != self.session {
             return None;
         }
-        let body = wire::open(&self.key, d)?;
+        let body = wire::open_session(&self.key, d)?;
         Some(Authentic { h, body })
     }
 }

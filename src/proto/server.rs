@@ -47,8 +47,7 @@ impl Session {
             Header { kind: Kind::Response, session: self.id, pn }.encode(buf);
             frame::encode_piece_header(buf, req_id, total as u32, self.piece as u16, i as u16);
             buf.extend_from_slice(&resp[off..end]);
-            let tag = wire::mac(&self.keys.s2c, &buf[start..]);
-            buf.extend_from_slice(&tag);
+            wire::seal_session(&self.keys.s2c, buf, start);
         };
         if missing.is_empty() {
             for i in 0..count {
@@ -118,7 +117,8 @@ impl Server {
         }
     }
 
-    pub fn handle(&mut self, now: Instant, d: &[u8]) -> Option<Input> {
+    /// Take one datagram (decrypted in place when it is a session's).
+    pub fn handle(&mut self, now: Instant, d: &mut [u8]) -> Option<Input> {
         let h = Header::decode(d)?;
         match h.kind {
             Kind::Hello => self.on_hello(now, d),
@@ -133,7 +133,7 @@ impl Server {
                     Header { kind: Kind::StaleSession, session: h.session, pn: 0 }.encode(&mut r);
                     return (r.len() <= d.len()).then_some(Input::Reply(r));
                 };
-                let Some(body) = wire::open(&s.keys.c2s, d) else {
+                let Some(body) = wire::open_session(&s.keys.c2s, d) else {
                     self.bad_mac += 1;
                     return None;
                 };

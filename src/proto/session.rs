@@ -1,6 +1,8 @@
 //! Keys and anti-replay. The pre-shared key (PSK) never authenticates data directly: it derives a
 //! handshake key (HELLO / HELLO_ACK) and, with both sides' fresh nonces, per-direction session keys.
 
+use super::wire::SessionKey;
+
 /// Derived from the PSK; authenticates HELLO and HELLO_ACK only.
 pub fn handshake_key(psk: &[u8; 32]) -> [u8; 32] {
     let mut h = blake3::Hasher::new_derive_key("wraith v1 handshake key");
@@ -11,8 +13,8 @@ pub fn handshake_key(psk: &[u8; 32]) -> [u8; 32] {
 /// Keys for one session, one per direction so a datagram can never be reflected back.
 #[derive(Clone)]
 pub struct SessionKeys {
-    pub c2s: [u8; 32],
-    pub s2c: [u8; 32],
+    pub c2s: SessionKey,
+    pub s2c: SessionKey,
 }
 
 impl SessionKeys {
@@ -23,9 +25,11 @@ impl SessionKeys {
             h.update(client_nonce);
             h.update(server_nonce);
             h.update(&session.to_le_bytes());
-            *h.finalize().as_bytes()
+            let mut k = [0u8; 16];
+            k.copy_from_slice(&h.finalize().as_bytes()[..16]);
+            SessionKey::new(k)
         };
-        SessionKeys { c2s: dir("wraith v1 session client-to-server"), s2c: dir("wraith v1 session server-to-client") }
+        SessionKeys { c2s: dir("wraith v2 session client-to-server"), s2c: dir("wraith v2 session server-to-client") }
     }
 }
 

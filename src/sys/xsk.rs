@@ -76,6 +76,19 @@ impl XskView {
         // concurrent `&mut` to the same chunk.
         unsafe { self.umem.data(&f.desc) }.contents()
     }
+
+    /// The received packet in `f`, to change in place (decrypt).
+    pub fn data_mut<'a>(&'a self, f: &'a mut Frame) -> &'a mut [u8] {
+        assert_eq!(f.umem, self.umem_id, "frame of another UMEM");
+        // SAFETY: as for `data`; `&mut Frame` makes this the only reference to the frame's
+        // chunk, and the kernel does not touch it until it is given back to the fill ring.
+        let mut d = unsafe { self.umem.data_mut(&mut f.desc) };
+        let len = d.contents().len();
+        let p = d.contents_mut().as_mut_ptr();
+        // SAFETY: `p..p+len` is the frame's packet in the UMEM mapping, which outlives `'a`
+        // (self holds the Umem); `DataMut` is only a view, dropping it releases nothing.
+        unsafe { std::slice::from_raw_parts_mut(p, len) }
+    }
 }
 
 /// The send half: tx ring and completion ring.

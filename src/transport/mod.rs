@@ -33,7 +33,7 @@ pub trait DatagramIo: Send + Sync {
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
     /// Hand every datagram queued now to `f`, without blocking. `bufs` are the UDP path's
     /// receive buffers, one set per receiving thread; AF_XDP receives into its UMEM and ignores them.
-    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize>;
+    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize>;
     /// Counters of the path for a person, `name value` lines (empty when it has none).
     fn describe_stats(&self) -> String {
         String::new()

@@ -453,7 +453,7 @@ impl XdpIo {
     /// Frames are taken out of the rx ring under its lock and handed to `f` (which checks each
     /// datagram's MAC, the costly part) without it, so that every receiving thread works on its
     /// own batch at once; then they go back to the fill ring.
-    fn recv_impl(&self, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    fn recv_impl(&self, f: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
         let mut total = 0;
         let mut ignored = 0u64;
         let mut last_src: Option<(IpAddr, Mac)> = None;
@@ -461,17 +461,23 @@ impl XdpIo {
         for q in &self.queues {
             for _ in 0..16 {
                 let got = q.rx.lock().unwrap().take(&mut frames, RX_BATCH);
-                for fr in &frames {
-                    match packet::parse(q.view.data(fr)) {
+                for fr in frames.iter_mut() {
+                    let (src, at) = match packet::parse(q.view.data(fr)) {
                         Ok(d) if d.dst.port() == self.local.port() && d.dst.ip() == self.local.ip() => {
                             if last_src != Some((d.src.ip(), d.src_mac)) {
                                 self.learn(d.src.ip(), d.src_mac);
                                 last_src = Some((d.src.ip(), d.src_mac));
                             }
-                            f(d.src, d.payload);
+                            let start = d.payload.as_ptr() as usize - q.view.data(fr).as_ptr() as usize;
+                            (d.src, start..start + d.payload.len())
                         }
-                        _ => ignored += 1,
-                    }
+                        _ => {
+                            ignored += 1;
+                            continue;
+                        }
+                    };
+                    // Decrypted where it lies, in the frame this thread holds.
+                    f(src, &mut q.view.data_mut(fr)[at]);
                 }
                 if got > 0 {
                     q.rx.lock().unwrap().give_back(&mut frames);
@@ -507,7 +513,7 @@ impl DatagramIo for XdpIo {
         netdev::poll_any_readable(&fds, timeout)
     }
     /// `_bufs` is unused: frames are received in the UMEM and handed to `f` from there.
-    fn recv_now(&self, _bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &[u8])) -> io::Result<usize> {
+    fn recv_now(&self, _bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
         self.recv_impl(f)
     }
     fn describe_stats(&self) -> String {
