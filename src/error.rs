@@ -39,6 +39,8 @@ pub enum Error {
     Interrupted,
     /// Operation not supported for this object.
     NotSupported,
+    /// The server speaks another version of the wraith protocol (its version when known, else 0).
+    WrongVersion(u8),
     /// Any other I/O error on the server or locally, with the raw errno when known.
     Io(i32),
 }
@@ -64,6 +66,7 @@ impl Error {
             Error::Busy => libc::EAGAIN,
             Error::Interrupted => libc::EINTR,
             Error::NotSupported => libc::EOPNOTSUPP,
+            Error::WrongVersion(_) => libc::EPROTONOSUPPORT,
             Error::Io(e) if *e > 0 => *e,
             Error::Io(_) => libc::EIO,
         }
@@ -105,6 +108,7 @@ impl Error {
             Error::Busy => 15,
             Error::Interrupted => 16,
             Error::NotSupported => 17,
+            Error::WrongVersion(_) => 18,
             Error::Io(e) => 0x8000 | (*e as u16 & 0x7fff),
         }
     }
@@ -128,6 +132,7 @@ impl Error {
             15 => Error::Busy,
             16 => Error::Interrupted,
             17 => Error::NotSupported,
+            18 => Error::WrongVersion(0),
             c if c & 0x8000 != 0 => Error::Io((c & 0x7fff) as i32),
             _ => Error::Io(libc::EIO),
         }
@@ -154,6 +159,8 @@ impl fmt::Display for Error {
             Error::Busy => "server busy hashing the file",
             Error::Interrupted => "interrupted",
             Error::NotSupported => "not supported",
+            Error::WrongVersion(0) => "the server speaks another wraith protocol version",
+            Error::WrongVersion(v) => return write!(f, "the server speaks wraith protocol version {v}"),
             Error::Io(e) => return write!(f, "I/O error (errno {e})"),
         };
         f.write_str(s)
@@ -188,6 +195,7 @@ mod tests {
             Error::Busy,
             Error::Interrupted,
             Error::NotSupported,
+            Error::WrongVersion(0),
             Error::Io(libc::EMFILE),
         ];
         for e in all {

@@ -237,6 +237,10 @@ fn explain(e: &Error, spec: &str, addr: &str, o: &Opts) -> String {
             "server {addr} rejected our key: {} does not match the server's --key file; copy the server's key here",
             o.keyfile.display()
         ),
+        Error::WrongVersion(v) => format!(
+            "server {addr} speaks wraith protocol version {v}, this wraith-mount speaks version {}: install the same wraith version on both machines",
+            wraith::proto::wire::VERSION
+        ),
         Error::RemoteTimeout => format!(
             "server {addr} did not answer within {:.0?}: unreachable, or wraith-serve is not running there (check host, port and firewall)",
             o.fs.timeout.min(Duration::from_secs(15))

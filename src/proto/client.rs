@@ -32,6 +32,8 @@ pub enum Event {
     Done { id: u64, result: Result<Buf, Error> },
     /// The server answered our HELLO with REJECT: the keys differ.
     AuthRejected,
+    /// The server answered our HELLO in another protocol version (this one).
+    WrongVersion(u8),
     /// A session is established (first time or after the server came back).
     Connected,
 }
@@ -267,7 +269,18 @@ impl Client {
     /// Take one datagram (a RESPONSE is decrypted in place).
     pub fn handle_datagram(&mut self, now: Instant, d: &mut [u8]) {
         self.stats.datagrams_in += 1;
-        let Some(h) = Header::decode(d) else { return };
+        let Some(h) = Header::decode(d) else {
+            if let (Some((v, echo)), State::Handshaking { nonce, .. }) = (wire::other_version_reject(d), &self.state) {
+                if echo == &nonce[..] {
+                    self.events.push_back(Event::WrongVersion(v));
+                    let ids: Vec<u64> = self.reqs.keys().copied().collect();
+                    for id in ids {
+                        self.fail(id, Error::WrongVersion(v));
+                    }
+                }
+            }
+            return;
+        };
         match h.kind {
             Kind::HelloAck => self.on_hello_ack(now, h, &*d),
             Kind::Reject => {

@@ -119,7 +119,11 @@ impl Server {
 
     /// Take one datagram (decrypted in place when it is a session's).
     pub fn handle(&mut self, now: Instant, d: &mut [u8]) -> Option<Input> {
-        let h = Header::decode(d)?;
+        let Some(h) = Header::decode(d) else {
+            // A HELLO of another protocol version: say which version we speak (rate-limited).
+            let r = wire::version_reject(d)?;
+            return self.unauth_allowed(now).then_some(Input::Reply(r));
+        };
         match h.kind {
             Kind::Hello => self.on_hello(now, d),
             Kind::Request => {

@@ -240,6 +240,44 @@ fn wrong_key_is_rejected_quickly_and_clearly() {
     assert!(s.server_out_bytes_unauth <= s.server_in_bytes);
 }
 
+/// A HELLO of another protocol version gets a small REJECT in ours (echoing its nonce), and a
+/// client that gets such an answer fails its requests with the server's version at once.
+#[test]
+fn another_protocol_version_is_named_not_timed_out() {
+    let mut s = Sim::new(4, lossy(), [1; 32], [1; 32], 1472);
+    let t0 = s.now;
+    let id = s.client.start_request(t0, req(10, 0), 10, t0 + Duration::from_secs(30));
+    let hello = s.client.poll_transmit().expect("a HELLO");
+    assert_eq!(hello.len(), super::wire::MIN_DATAGRAM);
+    let server = s.server.as_mut().unwrap();
+    // As from a client of version 1: answered, smaller, in our version, with its nonce.
+    let mut old = hello.clone();
+    old[2] = 1;
+    let Some(Input::Reply(r)) = server.handle(t0, &mut old) else { panic!("no answer to another version's HELLO") };
+    assert!(r.len() < old.len());
+    assert_eq!((r[2], r[3]), (super::wire::VERSION, super::wire::Kind::Reject as u8));
+    assert_eq!(r[20..52], hello[20..52]);
+    // Not for other datagram types or short ones.
+    let mut req_like = old.clone();
+    req_like[3] = super::wire::Kind::Request as u8;
+    assert!(server.handle(t0, &mut req_like).is_none());
+    assert!(server.handle(t0, &mut old[..600].to_vec()).is_none());
+    // The client, told by a "version 3" server: its request fails with that version.
+    let mut from_v3 = r.clone();
+    from_v3[2] = 3;
+    s.client.handle_datagram(t0, &mut from_v3);
+    s.pump();
+    assert_eq!(s.done[&id], Err(Error::WrongVersion(3)));
+    assert!(s.events.contains(&Event::WrongVersion(3)));
+    // A stranger's answer with someone else's nonce changes nothing.
+    let id2 = s.client.start_request(t0, req(10, 0), 10, t0 + Duration::from_secs(30));
+    let mut forged = from_v3.clone();
+    forged[20] ^= 1;
+    s.client.handle_datagram(t0, &mut forged);
+    s.pump();
+    assert!(!s.done.contains_key(&id2));
+}
+
 #[test]
 fn lost_server_times_out_at_deadline() {
     let mut s = Sim::new(4, lossy(), PSK, PSK, 1472);

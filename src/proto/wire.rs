@@ -76,6 +76,30 @@ impl Header {
     }
 }
 
+/// The answer to a HELLO of another protocol version (right magic, other version byte, type
+/// HELLO, full size): a REJECT in *our* version, echoing the HELLO's nonce, so its sender can say
+/// "the server speaks version N" instead of timing out. Every version keeps this much of the
+/// layout: magic, version, type, 16 bytes, then the 32-byte nonce. 52 bytes, far less than the
+/// 1200-byte HELLO. None for anything else.
+pub fn version_reject(d: &[u8]) -> Option<Vec<u8>> {
+    if d.len() < MIN_DATAGRAM || u16::from_le_bytes([d[0], d[1]]) != MAGIC || d[2] == VERSION || d[3] != Kind::Hello as u8 {
+        return None;
+    }
+    let mut r = Vec::with_capacity(HEADER_LEN + 32);
+    Header { kind: Kind::Reject, session: 0, pn: 0 }.encode(&mut r);
+    r.extend_from_slice(&d[HEADER_LEN..HEADER_LEN + 32]);
+    Some(r)
+}
+
+/// The version of a REJECT from a server of another protocol version, with the nonce it echoes.
+pub fn other_version_reject(d: &[u8]) -> Option<(u8, &[u8])> {
+    (d.len() >= HEADER_LEN + 32
+        && u16::from_le_bytes([d[0], d[1]]) == MAGIC
+        && d[2] != VERSION
+        && d[3] == Kind::Reject as u8)
+        .then(|| (d[2], &d[HEADER_LEN..HEADER_LEN + 32]))
+}
+
 /// Keyed BLAKE3 over `data`, truncated to 128 bits.
 pub fn mac(key: &[u8; 32], data: &[u8]) -> [u8; MAC_LEN] {
     let h = blake3::keyed_hash(key, data);

@@ -223,6 +223,15 @@ fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
                 }
                 s.rejected = true;
             }
+            Event::WrongVersion(v) => {
+                if !s.rejected && s.connected_once {
+                    tracing::error!(
+                        "server {peer} now speaks wraith protocol version {v}, this program version {}: run the same wraith version on both ends",
+                        crate::proto::wire::VERSION
+                    );
+                }
+                s.rejected = true;
+            }
             Event::Connected => {
                 s.rejected = false;
                 if s.connected_once {

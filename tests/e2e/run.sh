@@ -424,6 +424,35 @@ suite_errors() {
     expect_mount_failure "errors: bad spec" "nocolon" "keyfile=$KEY" '.' 5
     port=$(free_udp_port)
     expect_mount_failure "errors: unreachable server" "127.0.0.1:$port:/tree" "keyfile=$KEY,timeout=3" 'unreachable|did not answer' 20
+    # Another protocol version. A HELLO of version 1 gets a small answer naming ours ...
+    check "errors: a HELLO of protocol version 1 is answered with a REJECT in version 2, echoing its nonce" \
+        timeout 10 python3 - "$LO_PORT" <<'PY'
+import os, socket, sys
+nonce = os.urandom(32)
+hello = bytes([0x52, 0x57, 1, 1]) + bytes(16) + nonce
+hello += bytes(1200 - len(hello))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(hello, ("127.0.0.1", int(sys.argv[1])))
+r, _ = s.recvfrom(2048)
+assert len(r) == 52 and r[:4] == bytes([0x52, 0x57, 2, 3]) and r[20:52] == nonce, r.hex()
+PY
+    # ... and a server of another version (played by python: it answers any HELLO that way, as
+    # version 3) makes the mount fail at once with a message that says so.
+    port=$(free_udp_port)
+    timeout 30 python3 - "$port" 2>/dev/null <<'PY' &
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.settimeout(25)
+while True:
+    d, a = s.recvfrom(4096)
+    if len(d) >= 1200 and d[:2] == bytes([0x52, 0x57]) and d[3] == 1:
+        s.sendto(bytes([0x52, 0x57, 3, 3]) + bytes(16) + d[20:52], a)
+PY
+    PIDS+=("$!")
+    wait_udp_listen "" 127.0.0.1 "$port" "$!" 10 >/dev/null 2>&1
+    expect_mount_failure "errors: server of another protocol version" "127.0.0.1:$port:/tree" "keyfile=$KEY" 'protocol version 3.*same wraith version' 10
 }
 
 suite_ipv6() {
