@@ -150,9 +150,6 @@ impl Store {
         let io = IoThread::start(IoConfig { align, buf_size, n_bufs, max_bufs, force_sync: cfg.force_sync })
             .map_err(|e| ctx("I/O thread", e))?;
         let lender = io.slot_source();
-        if let Some(l) = &lender {
-            crate::chunk::pool::set_source(l.clone());
-        }
         let (tx, rx) = channel();
         let shared = Arc::new(Shared {
             dir: dir.clone(),
@@ -178,6 +175,10 @@ impl Store {
             io = ?shared.io.mode(), ms = replay_time.as_millis() as u64, "disk cache ready"
         );
         drop(ix);
+        // Lend only once nothing can fail any more (a failed start must not leave a lender behind).
+        if let Some(l) = &lender {
+            crate::chunk::pool::set_source(l.clone());
+        }
         Ok(Store { shared, writer: Some(writer), lender, _lock: lock, replay_time })
     }
 

@@ -374,6 +374,13 @@ impl Client {
         }
     }
 
+    /// Count a datagram that claimed to be a RESPONSE of the current session and failed
+    /// authentication on another thread (it is garbage now: not to be handed in again).
+    pub fn note_bad_response(&mut self) {
+        self.stats.datagrams_in += 1;
+        self.stats.dropped_bad_mac += 1;
+    }
+
     /// Take a RESPONSE whose MAC was already checked (possibly on another thread). A datagram of a
     /// session that has since been replaced is ignored.
     pub fn handle_authentic(&mut self, now: Instant, a: Authentic<'_>) {
@@ -516,6 +523,11 @@ pub struct Authentic<'a> {
 impl ResponseKey {
     pub fn session(&self) -> u64 {
         self.session
+    }
+
+    /// Whether `d` says it is a RESPONSE of this session (what [`Self::authenticate`] takes on).
+    pub fn claims(&self, d: &[u8]) -> bool {
+        Header::decode(d).is_some_and(|h| h.kind == Kind::Response && h.session == self.session)
     }
 
     /// Authenticate and decrypt `d` in place. None leaves a datagram of another kind or session

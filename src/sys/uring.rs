@@ -177,6 +177,8 @@ pub struct IoThread {
 }
 
 const WAKE: u64 = u64::MAX;
+/// Fewer registered slots than this: not worth io_uring, use pread/pwrite.
+const MIN_RESERVE: usize = 8;
 /// Slots added at a time when lending ran dry.
 const GROW_BY: usize = 32;
 /// The most buffers io_uring registers (IORING_MAX_REG_BUFFERS).
@@ -431,6 +433,24 @@ impl Drop for Lease {
     }
 }
 
+/// Register `iovecs` at table indexes `at..`, one per call: the kernel may register part of a
+/// batch and report only how many (which `register_buffers_update` drops), so one at a time is
+/// the way to know exactly which are registered. Returns how many were, and the error that
+/// stopped it.
+///
+/// # Safety
+/// Every iovec must describe memory that stays valid until it is unregistered or the ring is
+/// gone.
+unsafe fn register_each(ring: &IoUring, at: usize, iovecs: &[libc::iovec]) -> (usize, Option<io::Error>) {
+    for (i, v) in iovecs.iter().enumerate() {
+        // SAFETY: the caller's promise, for this one iovec.
+        if let Err(e) = unsafe { ring.submitter().register_buffers_update((at + i) as u32, std::slice::from_ref(v), None) } {
+            return (i, Some(e));
+        }
+    }
+    (iovecs.len(), None)
+}
+
 struct InFlight {
     op: Op,
     done: Done,
@@ -449,6 +469,8 @@ struct Ring {
     arena: Arc<Arena>,
     wake_buf: Box<u64>,
     warned_grow: bool,
+    /// For operations of more parts than the reserve has slots: pread/pwrite through this.
+    big: AlignedBuf,
 }
 
 impl Ring {
@@ -475,7 +497,24 @@ impl Ring {
         let max = match ring.submitter().register_buffers_sparse(max as u32) {
             // SAFETY: every iovec describes a live AlignedBuf that moves into the arena, which
             // outlives the ring (see `run`), so the registered memory outlives the registration.
-            Ok(()) => unsafe { ring.submitter().register_buffers_update(0, &iovecs, None).map(|()| max)? },
+            Ok(()) => match unsafe { register_each(&ring, 0, &iovecs) } {
+                (n, _) if n == iovecs.len() => max,
+                // Part of the reserve (the memory lock limit of a user without CAP_IPC_LOCK,
+                // often 8 MiB): enough to copy chunks through, none to lend; operations larger
+                // than that go by pread/pwrite on the ring thread.
+                (n, Some(e)) if n >= MIN_RESERVE => {
+                    tracing::info!(
+                        "io_uring registered {n} of {} buffers ({e}; RLIMIT_MEMLOCK?): chunks are copied through them, not kept in registered memory",
+                        iovecs.len()
+                    );
+                    bufs.truncate(n);
+                    n
+                }
+                (n, e) => {
+                    let e = e.unwrap_or_else(|| io::Error::other("short registration"));
+                    return Err(io::Error::new(e.kind(), format!("registered {n} of {} buffers: {e}", iovecs.len())));
+                }
+            },
             Err(_) => {
                 // SAFETY: as above.
                 unsafe { ring.submitter().register_buffers(&iovecs)? };
@@ -489,15 +528,16 @@ impl Ring {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
-        let free = (0..cfg.n_bufs as u16).rev().collect();
+        let free = (0..bufs.len() as u16).rev().collect();
         let arena = Arc::new(Arena {
             slot: cfg.buf_size,
             align: cfg.align,
-            reserve: cfg.n_bufs,
+            reserve: bufs.len(),
             state: Mutex::new(ArenaState { bufs, free, max, grow: false, waiting: false }),
             wake,
         });
-        Ok(Ring { ring, arena, wake_buf: Box::new(0), warned_grow: false })
+        let big = AlignedBuf::new(cfg.buf_size, cfg.align);
+        Ok(Ring { ring, arena, wake_buf: Box::new(0), warned_grow: false, big })
     }
 
     fn arm_wake(&mut self) {
@@ -511,15 +551,18 @@ impl Ring {
         unsafe { self.ring.submission().push(&e).expect("submission queue has room for the wake read") };
     }
 
-    /// Register up to [`GROW_BY`] more slots when a borrower found none free.
+    /// Register up to [`GROW_BY`] more slots when a borrower found none free. Memory is made
+    /// and registered (page faults, pinning) without holding the arena's lock; only this thread
+    /// ever adds slots.
     fn grow(&mut self, stats: &IoStats) {
-        let a = &self.arena;
-        let mut st = a.state.lock().unwrap();
-        if !std::mem::take(&mut st.grow) {
-            return;
-        }
-        let have = st.bufs.len();
-        let n = GROW_BY.min(st.max - have);
+        let a = self.arena.clone();
+        let (have, n) = {
+            let mut st = a.state.lock().unwrap();
+            if !std::mem::take(&mut st.grow) {
+                return;
+            }
+            (st.bufs.len(), GROW_BY.min(st.max - st.bufs.len()))
+        };
         if n == 0 {
             return;
         }
@@ -527,19 +570,19 @@ impl Ring {
         let iovecs: Vec<libc::iovec> =
             new.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
         // SAFETY: the iovecs describe the new AlignedBufs, which move into the arena below (heap
-        // memory does not move) and live until after the ring is gone.
-        match unsafe { self.ring.submitter().register_buffers_update(have as u32, &iovecs, None) } {
-            Ok(()) => {
-                st.bufs.append(&mut new);
-                st.free.extend((have..have + n).map(|i| i as u16));
-                stats.slots.store(st.bufs.len() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                // Memory lock limit reached (RLIMIT_MEMLOCK without CAP_IPC_LOCK), most likely.
-                st.max = have;
-                if !std::mem::replace(&mut self.warned_grow, true) {
-                    tracing::info!("io_uring registered {have} buffers and no more ({e}); further chunks use heap memory");
-                }
+        // memory does not move) and live until after the ring is gone; unregistered ones are
+        // dropped only after their registration failed.
+        let (done, err) = unsafe { register_each(&self.ring, have, &iovecs) };
+        new.truncate(done);
+        let mut st = a.state.lock().unwrap();
+        st.bufs.append(&mut new);
+        st.free.extend((have..have + done).map(|i| i as u16));
+        stats.slots.store(st.bufs.len() as u64, Ordering::Relaxed);
+        if let Some(e) = err {
+            // Memory lock limit reached (RLIMIT_MEMLOCK without CAP_IPC_LOCK), most likely.
+            st.max = have + done;
+            if !std::mem::replace(&mut self.warned_grow, true) {
+                tracing::info!("io_uring registered {} buffers and no more ({e}); further chunks use heap memory", have + done);
             }
         }
     }
@@ -565,8 +608,10 @@ impl Ring {
                 });
                 let need = if own.is_some() { 0 } else { parts(op.len(), slot) };
                 if need > self.arena.reserve {
-                    let (_, done) = pending.pop_front().unwrap();
-                    done(Err(io::Error::new(io::ErrorKind::InvalidInput, "operation larger than the buffer pool")));
+                    // Only with a partly registered reserve (or a chunk over 16 MiB): served
+                    // synchronously here, rare and bounded.
+                    let (op, done) = pending.pop_front().unwrap();
+                    done(sync_op(&op, &mut self.big, slot));
                     continue;
                 }
                 let Some(mut slots) = self.arena.take(need) else { break };
@@ -691,7 +736,8 @@ impl Ring {
             }
         }
         // The ring (and its registration) goes first, then the arena (unless leases hold it).
-        let Ring { ring, arena, wake_buf, .. } = self;
+        let Ring { ring, arena, wake_buf, big, .. } = self;
+        drop(big);
         drop(ring);
         drop(wake_buf);
         drop(arena);
@@ -777,10 +823,21 @@ mod tests {
             assert!(got[5000..].iter().all(|&b| b == 0));
         }
         // Read across the end of the file: short.
-        io.submit(Op::Read { file: f.clone(), offset: 20 * 8192, len: 24576 }, Box::new(move |r| rtx.send((0, r)).unwrap()));
+        let rtx2 = rtx.clone();
+        io.submit(Op::Read { file: f.clone(), offset: 20 * 8192, len: 24576 }, Box::new(move |r| rtx2.send((0, r)).unwrap()));
         let got = rrx.recv().unwrap().1.unwrap();
         assert_eq!(got.len(), 20480);
         assert_eq!(&got[..20000], &big[..]);
+        // More parts than the pool has slots: written and read all the same (synchronously).
+        let huge: Vec<u8> = (0..6 * 8192).map(|j| (j % 253) as u8).collect();
+        let txh = tx.clone();
+        io.submit(
+            Op::Write { file: f.clone(), offset: 24 * 8192, data: Box::new(Buf::from(huge.clone())), padded: huge.len() },
+            Box::new(move |r| txh.send(r.map(|_| ())).unwrap()),
+        );
+        rx.recv().unwrap().unwrap();
+        io.submit(Op::Read { file: f.clone(), offset: 24 * 8192, len: huge.len() }, Box::new(move |r| rtx.send((0, r)).unwrap()));
+        assert_eq!(&rrx.recv().unwrap().1.unwrap()[..], &huge[..]);
         drop(io);
     }
 

@@ -277,13 +277,22 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
                 if from.ip().to_canonical() != peer.ip().to_canonical() || from.port() != peer.port() {
                     return;
                 }
-                // Check the MAC before taking the lock; everything else goes the slow way.
-                let auth = key.as_ref().and_then(|k| k.authenticate(d));
-                let mut s = shared.lock().unwrap();
-                let now = Instant::now();
-                match auth {
-                    Some(a) => s.client.handle_authentic(now, a),
-                    None => s.client.handle_datagram(now, d),
+                // Authenticate (decrypt) responses before taking the lock; everything else goes
+                // the slow way. A response that fails is dropped here: its bytes are garbage now.
+                let mut s;
+                match key.as_ref().filter(|k| k.claims(d)) {
+                    Some(k) => {
+                        let auth = k.authenticate(d);
+                        s = shared.lock().unwrap();
+                        match auth {
+                            Some(a) => s.client.handle_authentic(Instant::now(), a),
+                            None => s.client.note_bad_response(),
+                        }
+                    }
+                    None => {
+                        s = shared.lock().unwrap();
+                        s.client.handle_datagram(Instant::now(), d);
+                    }
                 }
                 drive(&*io, peer, &mut s);
             });
