@@ -32,36 +32,63 @@ pub struct Burst {
     pub seg: usize,
 }
 
+/// Datagrams framed and sealed ahead of sending, at most. Packet numbers are taken as pieces are
+/// sealed, so a burst sealed long before it is sent (another worker's burst going out first)
+/// must stay well inside the receiver's replay window: workers × this ≤ the window.
+pub const MAX_BURST: usize = 512;
+
 impl Session {
-    /// Frame `resp` as pieces; only the `missing` ranges when the client asked for a repair.
+    /// Frame `resp` as pieces (only the `missing` ranges when the client asked for a repair),
+    /// one burst.
     pub fn encode_response(&self, req_id: u64, resp: &[u8], missing: &[Missing]) -> Burst {
+        let mut out = Burst { buf: Vec::new(), seg: 0 };
+        self.encode_response_each(req_id, resp, missing, usize::MAX, |b| {
+            out.buf.extend_from_slice(&b.buf);
+            out.seg = b.seg;
+        });
+        out
+    }
+
+    /// Frame `resp` as pieces and hand them to `send` in bursts of at most `max` datagrams, each
+    /// sealed just before it is handed over.
+    pub fn encode_response_each(&self, req_id: u64, resp: &[u8], missing: &[Missing], max: usize, mut send: impl FnMut(&Burst)) {
         let total = resp.len();
         let count = total.div_ceil(self.piece).max(1);
         let seg = HEADER_LEN + RESP_HDR + self.piece.min(total.max(1)) + MAC_LEN;
-        let mut buf = Vec::with_capacity(count.min(4096) * seg);
-        let emit = |i: usize, buf: &mut Vec<u8>| {
+        let max = max.max(1);
+        let mut b = Burst { buf: Vec::with_capacity(count.min(max).min(4096) * seg), seg };
+        let mut n = 0;
+        let mut emit = |i: usize, b: &mut Burst| {
             let off = i * self.piece;
             let end = (off + self.piece).min(total);
             let pn = self.pn.fetch_add(1, Ordering::Relaxed);
-            let start = buf.len();
-            Header { kind: Kind::Response, session: self.id, pn }.encode(buf);
-            frame::encode_piece_header(buf, req_id, total as u32, self.piece as u16, i as u16);
-            buf.extend_from_slice(&resp[off..end]);
-            wire::seal_session(&self.keys.s2c, buf, start);
+            let start = b.buf.len();
+            Header { kind: Kind::Response, session: self.id, pn }.encode(&mut b.buf);
+            frame::encode_piece_header(&mut b.buf, req_id, total as u32, self.piece as u16, i as u16);
+            b.buf.extend_from_slice(&resp[off..end]);
+            wire::seal_session(&self.keys.s2c, &mut b.buf, start);
+            n += 1;
+            if n == max {
+                send(b);
+                b.buf.clear();
+                n = 0;
+            }
         };
         if missing.is_empty() {
             for i in 0..count {
-                emit(i, &mut buf);
+                emit(i, &mut b);
             }
         } else {
             for m in missing {
                 let end = (m.start as usize + m.len as usize).min(count);
                 for i in m.start as usize..end {
-                    emit(i, &mut buf);
+                    emit(i, &mut b);
                 }
             }
         }
-        Burst { buf, seg }
+        if !b.buf.is_empty() {
+            send(&b);
+        }
     }
 }
 

@@ -278,6 +278,36 @@ fn another_protocol_version_is_named_not_timed_out() {
     assert!(!s.done.contains_key(&id2));
 }
 
+/// A response goes out in bursts of at most the asked size, each sealed just before it is
+/// handed over, and the client puts them together exactly.
+#[test]
+fn responses_go_out_in_bounded_bursts() {
+    let clean = LinkCfg { loss: 0.0, dup: 0.0, delay: Duration::from_millis(1), jitter: Duration::ZERO };
+    let mut s = Sim::new(5, clean, PSK, PSK, 1472);
+    let t0 = s.now;
+    let id = s.client.start_request(t0, req(10, 0), 10, t0 + Duration::from_secs(5));
+    s.run(t0 + Duration::from_secs(5), 1);
+    assert!(s.done[&id].is_ok(), "the session is up");
+    let now = s.now;
+    let id2 = s.client.start_request(now, req(200_000, 1), 200_000, now + Duration::from_secs(5));
+    let mut d = s.client.poll_transmit().unwrap();
+    let Some(Input::Request { session, id: rid, missing, .. }) = s.server.as_mut().unwrap().handle(now, &mut d) else {
+        panic!("the request was not taken")
+    };
+    let resp = content(200_000, 1);
+    let (mut bursts, mut dgrams) = (Vec::new(), Vec::new());
+    session.encode_response_each(rid, &resp, &missing, 7, |b| {
+        bursts.push(b.buf.len().div_ceil(b.seg));
+        dgrams.extend(b.buf.chunks(b.seg).map(|c| c.to_vec()));
+    });
+    assert!(bursts.len() > 10 && bursts.iter().all(|&n| (1..=7).contains(&n)), "{bursts:?}");
+    for mut g in dgrams {
+        s.client.handle_datagram(now, &mut g);
+    }
+    s.pump();
+    assert_eq!(s.done[&id2], Ok(resp));
+}
+
 #[test]
 fn lost_server_times_out_at_deadline() {
     let mut s = Sim::new(4, lossy(), PSK, PSK, 1472);

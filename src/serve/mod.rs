@@ -18,7 +18,7 @@ use crate::chunk::Geometry;
 use crate::error::Error;
 use crate::proto::frame::Missing;
 use crate::proto::msg::{Request, Response};
-use crate::proto::server::{Input, Server, Session};
+use crate::proto::server::{Input, Server, Session, MAX_BURST};
 use crate::transport::{DatagramIo, RecvBufs, UdpIo};
 use crate::types::FileInfo;
 use export::{ExportSpec, Exports};
@@ -267,6 +267,9 @@ pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], worker
     let (tx, rx): (SyncSender<Job>, Receiver<Job>) = sync_channel(4096);
     let rx = Arc::new(Mutex::new(rx));
     let mut pool = Vec::new();
+    // Every worker may hold one sealed burst not yet sent: together well inside the client's
+    // replay window.
+    let burst = (crate::proto::session::WINDOW as usize / (2 * workers.max(1))).clamp(64, MAX_BURST);
     for i in 0..workers.max(1) {
         let (rx, io, handler) = (rx.clone(), io.clone(), handler.clone());
         pool.push(thread::Builder::new().name(format!("wraith-worker-{i}")).spawn(move || loop {
@@ -274,7 +277,7 @@ pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], worker
                 Ok(j) => j,
                 Err(_) => return,
             };
-            work(&*io, &handler, job);
+            work(&*io, &handler, job, burst);
         })?);
     }
     let mut proto = Server::new(psk, rand::random());
@@ -312,7 +315,7 @@ pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], worker
     Ok(())
 }
 
-fn work(io: &dyn DatagramIo, handler: &Handler, job: Job) {
+fn work(io: &dyn DatagramIo, handler: &Handler, job: Job, burst: usize) {
     let req = match Request::decode(&job.body) {
         Ok(r) => r,
         Err(e) => {
@@ -324,10 +327,13 @@ fn work(io: &dyn DatagramIo, handler: &Handler, job: Job) {
     let span = tracing::debug_span!("request", id = job.id, session = job.session.id);
     let _g = span.enter();
     let resp = handler.handle(req).into_bytes();
-    let b = job.session.encode_response(job.id, &resp, &job.missing);
-    if let Err(e) = io.send_burst(job.peer, &b.buf, b.seg) {
-        tracing::debug!(error = %e, peer = %job.peer, "send failed");
-    }
+    // In bursts sealed just before they go, so that packet numbers reach the client in about
+    // the order they were taken, whatever the other workers do (see MAX_BURST).
+    job.session.encode_response_each(job.id, &resp, &job.missing, burst, |b| {
+        if let Err(e) = io.send_burst(job.peer, &b.buf, b.seg) {
+            tracing::debug!(error = %e, peer = %job.peer, "send failed");
+        }
+    });
 }
 
 
