@@ -644,6 +644,7 @@ impl Fs {
         let _ = writeln!(s, "network_verify_failures {}", g(&c.verify_failures));
         let _ = writeln!(s, "passthrough_opens {}", g(&c.passthrough_opens));
         let _ = writeln!(s, "offline_opens {}", g(&c.offline_opens));
+        let _ = writeln!(s, "memory_cache_bytes {}", self.chunks.bytes());
         let _ = write!(s, "{}", self.net.io_stats_text());
         let disk_hits = match &self.disk {
             Some(d) => {
