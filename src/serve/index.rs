@@ -24,6 +24,12 @@
 //! Level `j` (aligned subtrees over `2^j` leaves, see [`crate::chunk`]) holds `level_len(n, j)` CVs and starts
 //! at `96 + 32 * sum_{i<j} level_len(n, i)`. A single-chunk file has no table: the file is the header alone.
 //!
+//! Old versions are collected: the index remembers the version it last served per (device, inode,
+//! chunk size) and deletes the tree of any other version once a newer one is served (the file
+//! has changed, so that tree can never be asked for again), and a scan at start, in the
+//! background, keeps only the newest tree (by ctime, then mtime) of each such triple. Trees of
+//! files deleted for good stay until their inode number is reused (the index never sees paths).
+//!
 //! The file is written to a temporary name, synced and renamed, header last, so a reader sees either
 //! nothing or a whole file. Loading checks the header against the expected version, the file length and
 //! (for two or more leaves) that the stored nodes give the stored root; anything else is a miss: the file
@@ -48,6 +54,8 @@ const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: u64 = 96;
 /// Open tree files kept (one file descriptor each).
 const MAX_OPEN_TREES: usize = 256;
+/// Inodes whose served version is remembered for collecting old trees (~80 B each).
+const CURRENT_ENTRIES: usize = 262_144;
 /// Hashing reads at least this much per `pread` (whole chunks).
 const MIN_READ: u64 = 256 * 1024;
 /// Table writes are batched per level up to this many bytes.
@@ -67,6 +75,11 @@ struct Shared {
     max_workers: usize,
     /// Bytes read from source files for hashing (tests use it to tell a load from a rebuild).
     hashed_bytes: AtomicU64,
+    /// The version each (dev, ino, chunk_log2) was last served at: trees of others are stale.
+    /// Bounded; a forgotten entry only means the next start's scan collects that old tree.
+    current: Mutex<LruCache<(u64, u64, u8), Version>>,
+    /// Stale tree files deleted (tests, logs).
+    collected: AtomicU64,
 }
 
 struct State {
@@ -119,8 +132,35 @@ impl HashIndex {
                 }),
                 max_workers: cores.clamp(1, 8),
                 hashed_bytes: AtomicU64::new(0),
+                current: Mutex::new(LruCache::new(NonZeroUsize::new(CURRENT_ENTRIES).expect("nonzero"))),
+                collected: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Like [`HashIndex::open`], and delete the trees of superseded versions in the background.
+    pub fn open_and_collect(state_dir: &Path) -> io::Result<Self> {
+        let index = Self::open(state_dir)?;
+        let shared = index.shared.clone();
+        let _ = std::thread::Builder::new().name("wraith-tree-gc".into()).spawn(move || {
+            let t0 = Instant::now();
+            let n = shared.collect_stale();
+            if n > 0 {
+                tracing::info!(removed = n, ms = t0.elapsed().as_millis() as u64, "removed hash trees of superseded file versions");
+            }
+        });
+        Ok(index)
+    }
+
+    /// Delete, now, every tree that is not the newest of its (dev, ino, chunk size). Returns how
+    /// many were deleted.
+    pub fn collect_stale(&self) -> usize {
+        self.shared.collect_stale()
+    }
+
+    /// Stale tree files deleted so far.
+    pub fn collected(&self) -> u64 {
+        self.shared.collected.load(Ordering::Relaxed)
     }
 
     /// The tree of this file version: from memory, from the state directory, or computed by reading
@@ -155,6 +195,7 @@ impl HashIndex {
         }
         // Loading a persisted tree is a few small reads: do it here, not in the queue.
         if let Loaded::Tree(tree) = load(&shared.tree_path(&key), &key) {
+            shared.supersede(&key);
             let mut st = lock(&shared.state);
             return Ok(st.open.get_or_insert(key, || Arc::new(tree)).clone());
         }
@@ -211,6 +252,67 @@ impl Shared {
         self.dir.join(format!("{}.tree", key_name(key)))
     }
 
+    /// `key` was just served, so the file is at that version now (callers checked): the tree of
+    /// any other version of the same inode and chunk size is stale.
+    fn supersede(&self, key: &Key) {
+        let (v, log2) = *key;
+        let old = lock(&self.current).put((v.dev, v.ino, log2), v);
+        if let Some(old) = old.filter(|o| *o != v) {
+            self.remove_tree(&(old, log2));
+        }
+    }
+
+    fn remove_tree(&self, key: &Key) {
+        lock(&self.state).open.pop(key);
+        if std::fs::remove_file(self.tree_path(key)).is_ok() {
+            self.collected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn collect_stale(&self) -> usize {
+        let before = self.collected.load(Ordering::Relaxed);
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return 0 };
+        let mut newest: HashMap<(u64, u64, u8), Version> = HashMap::new();
+        let mut stale = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !name.to_str().is_some_and(|n| n.ends_with(".tree")) {
+                continue;
+            }
+            let mut b = [0u8; HEADER_LEN as usize];
+            let Some(h) = File::open(entry.path()).ok().filter(|f| f.read_exact_at(&mut b, 0).is_ok()).and_then(|_| Header::decode(&b))
+            else {
+                continue; // foreign or damaged: `load` deals with it when asked
+            };
+            let (v, log2) = (h.version, h.chunk_log2);
+            if entry.path() != self.tree_path(&(v, log2)) {
+                continue;
+            }
+            let later = |a: &Version, b: &Version| (a.ctime_ns, a.mtime_ns) > (b.ctime_ns, b.mtime_ns);
+            match newest.get_mut(&(v.dev, v.ino, log2)) {
+                Some(n) if later(&v, n) => stale.push((std::mem::replace(n, v), log2)),
+                Some(n) if later(n, &v) => stale.push((v, log2)),
+                Some(_) => {} // same times, another size: keep both, the asked one decides
+                None => {
+                    newest.insert((v.dev, v.ino, log2), v);
+                }
+            }
+        }
+        for (k, v) in newest {
+            // Served meanwhile at some version: that one is current, whatever the scan saw.
+            let cur = *lock(&self.current).get_or_insert(k, || v);
+            if cur != v {
+                stale.push((v, k.2));
+            }
+        }
+        for key in stale {
+            if lock(&self.current).peek(&(key.0.dev, key.0.ino, key.1)) != Some(&key.0) {
+                self.remove_tree(&key);
+            }
+        }
+        (self.collected.load(Ordering::Relaxed) - before) as usize
+    }
+
     /// Start workers for queued jobs, up to `max_workers`. A worker exits when the queue is empty.
     fn ensure_workers(this: &Arc<Self>, st: &mut State) {
         while st.workers < this.max_workers && st.workers < st.queue.len() {
@@ -244,6 +346,9 @@ impl Shared {
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load_or_build(&job)))
                     .unwrap_or_else(|_| Err(Error::Io(libc::EIO)));
+            if result.is_ok() {
+                self.supersede(&job.key);
+            }
             {
                 let mut st = lock(&self.state);
                 st.pending.remove(&job.key);

@@ -241,7 +241,7 @@ struct Job {
 /// Run the server until `stop` is set. Binds, then serves.
 pub fn run(cfg: ServeConfig, stop: Arc<AtomicBool>) -> io::Result<()> {
     let exports = Exports::new(cfg.exports).map_err(io::Error::other)?;
-    let index = HashIndex::open(&cfg.state_dir)
+    let index = HashIndex::open_and_collect(&cfg.state_dir)
         .map_err(|e| io::Error::other(format!("state directory {}: {e}", cfg.state_dir.display())))?;
     let sock = UdpSocket::bind(cfg.listen)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.listen)))?;
@@ -252,7 +252,7 @@ pub fn run(cfg: ServeConfig, stop: Arc<AtomicBool>) -> io::Result<()> {
 /// (`serve_io`; the AF_XDP server builds its path itself).
 pub fn handler(cfg: &ServeConfig) -> io::Result<Handler> {
     let exports = Exports::new(cfg.exports.clone()).map_err(io::Error::other)?;
-    let index = HashIndex::open(&cfg.state_dir)
+    let index = HashIndex::open_and_collect(&cfg.state_dir)
         .map_err(|e| io::Error::other(format!("state directory {}: {e}", cfg.state_dir.display())))?;
     Ok(Handler::new(exports, index))
 }

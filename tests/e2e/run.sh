@@ -369,6 +369,28 @@ suite_change() {
     python3 -c 'import sys; open(sys.argv[1], "wb").write(b"version 3\n" * 7)' "$CHG/inplace.txt"
     sleep "$wait"
     check "change: truncated and rewritten, seen after attr_timeout" timeout 30 cmp "$CHG/inplace.txt" "$M/inplace.txt"
+    # A file of several chunks rewritten in place twice, read each time: the server keeps only
+    # the hash tree of its current version (older ones are collected).
+    local i
+    for i in 1 2 3; do
+        python3 -c 'import sys; open(sys.argv[1], "r+b" if sys.argv[2] != "1" else "wb").write(bytes([int(sys.argv[2])]) * (600000 + int(sys.argv[2])))' "$CHG/multi.bin" "$i"
+        sleep "$wait"
+        check "change: multi-chunk file, version $i, reads right" timeout 30 cmp "$CHG/multi.bin" "$M/multi.bin"
+    done
+    check "change: the server's state holds the tree of the current version of multi.bin only" \
+        timeout 30 python3 - "$WORK/state/lo" "$CHG/multi.bin" <<'PY'
+import os, struct, sys
+st = os.stat(sys.argv[2])
+mine = []
+for n in os.listdir(sys.argv[1]):
+    if not n.endswith(".tree"):
+        continue
+    h = open(os.path.join(sys.argv[1], n), "rb").read(96)
+    dev, ino, size, mtime, ctime = struct.unpack_from("<QQQqq", h, 12)
+    if (dev, ino) == (st.st_dev, st.st_ino):
+        mine.append((size, ctime))
+assert mine == [(st.st_size, st.st_ctime_ns)], mine
+PY
     umount_ok change "$M"
 }
 

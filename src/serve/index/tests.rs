@@ -376,3 +376,50 @@ fn more_jobs_than_workers() {
     let hashed: u64 = (0..12).map(|k| 300_000 + k).sum();
     assert_eq!(index.shared.hashed_bytes.load(Ordering::Relaxed), hashed);
 }
+
+/// Rewrite the file behind `path` in place (same inode, new size/mtime/ctime) and give its new
+/// version.
+fn rewrite(path: &Path, bytes: &[u8]) -> (Arc<File>, Version) {
+    std::thread::sleep(Duration::from_millis(20)); // a later ctime, whatever the clock's grain
+    std::fs::OpenOptions::new().write(true).truncate(true).open(path).unwrap().write_all(bytes).unwrap();
+    let f = File::open(path).unwrap();
+    let v = version_of(&f.metadata().unwrap());
+    (Arc::new(f), v)
+}
+
+#[test]
+fn trees_of_superseded_versions_are_collected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let index = HashIndex::open(&state).unwrap();
+    let (f1, v1) = source(tmp.path(), "f", &data(50_000, 1));
+    let (g, vg) = source(tmp.path(), "g", &data(30_000, 2));
+    index.get(f1, v1, 10, LONG).unwrap();
+    index.get(g.clone(), vg, 10, LONG).unwrap();
+    index.get(g.clone(), vg, 11, LONG).unwrap(); // another chunk size: its own tree, kept
+    assert_eq!(tree_files(&state).len(), 3);
+    let old = index.shared.tree_path(&(v1, 10));
+    let saved = std::fs::read(&old).unwrap();
+    // The file changes (same inode): serving the new version removes the old tree.
+    let (f2, v2) = rewrite(&tmp.path().join("f"), &data(60_000, 3));
+    assert_eq!((v2.dev, v2.ino), (v1.dev, v1.ino));
+    index.get(f2.clone(), v2, 10, LONG).unwrap();
+    assert!(!old.exists(), "the superseded tree is gone");
+    assert_eq!(tree_files(&state).len(), 3);
+    assert_eq!(index.collected(), 1);
+    drop(index);
+    // An old tree left behind (say, by a server that stopped first) goes at the next start's
+    // scan; the current ones stay and load without rehashing.
+    std::fs::write(&old, &saved).unwrap();
+    std::fs::write(state.join("foreign.tree"), b"not a tree").unwrap();
+    let index = HashIndex::open(&state).unwrap();
+    assert_eq!(index.collect_stale(), 1);
+    assert!(!old.exists());
+    assert!(state.join("foreign.tree").exists(), "what it cannot read it leaves to `load`");
+    let t = index.get(f2, v2, 10, Duration::ZERO).unwrap();
+    assert_eq!(t.root(), blake3::hash(&data(60_000, 3)));
+    index.get(g, vg, 11, Duration::ZERO).unwrap();
+    assert_eq!(index.shared.hashed_bytes.load(Ordering::Relaxed), 0, "nothing rehashed");
+    // A second scan finds nothing more.
+    assert_eq!(index.collect_stale(), 0);
+}
