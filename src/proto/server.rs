@@ -41,24 +41,30 @@ impl Session {
     /// Frame `resp` as pieces (only the `missing` ranges when the client asked for a repair),
     /// one burst.
     pub fn encode_response(&self, req_id: u64, resp: &[u8], missing: &[Missing]) -> Burst {
-        let mut out = Burst { buf: Vec::new(), seg: 0 };
+        let mut out = Burst { buf: Vec::new(), seg: self.seg(resp.len()) };
         self.encode_response_each(req_id, resp, missing, usize::MAX, |b| {
             out.buf.extend_from_slice(&b.buf);
-            out.seg = b.seg;
+            true
         });
         out
     }
 
+    /// The size of a full datagram of a `total`-byte response.
+    fn seg(&self, total: usize) -> usize {
+        HEADER_LEN + RESP_HDR + self.piece.min(total.max(1)) + MAC_LEN
+    }
+
     /// Frame `resp` as pieces and hand them to `send` in bursts of at most `max` datagrams, each
-    /// sealed just before it is handed over.
-    pub fn encode_response_each(&self, req_id: u64, resp: &[u8], missing: &[Missing], max: usize, mut send: impl FnMut(&Burst)) {
+    /// sealed just before it is handed over. `send` returning false (the peer is gone) stops it.
+    pub fn encode_response_each(&self, req_id: u64, resp: &[u8], missing: &[Missing], max: usize, mut send: impl FnMut(&Burst) -> bool) {
         let total = resp.len();
         let count = total.div_ceil(self.piece).max(1);
-        let seg = HEADER_LEN + RESP_HDR + self.piece.min(total.max(1)) + MAC_LEN;
+        let seg = self.seg(total);
         let max = max.max(1);
         let mut b = Burst { buf: Vec::with_capacity(count.min(max).min(4096) * seg), seg };
         let mut n = 0;
-        let mut emit = |i: usize, b: &mut Burst| {
+        // False once `send` gave up: nothing more is sealed (no packet numbers spent on it).
+        let mut emit = |i: usize, b: &mut Burst| -> bool {
             let off = i * self.piece;
             let end = (off + self.piece).min(total);
             let pn = self.pn.fetch_add(1, Ordering::Relaxed);
@@ -68,21 +74,23 @@ impl Session {
             b.buf.extend_from_slice(&resp[off..end]);
             wire::seal_session(&self.keys.s2c, &mut b.buf, start);
             n += 1;
-            if n == max {
-                send(b);
-                b.buf.clear();
-                n = 0;
+            if n < max {
+                return true;
             }
+            n = 0;
+            let more = send(b);
+            b.buf.clear();
+            more
         };
-        if missing.is_empty() {
-            for i in 0..count {
-                emit(i, &mut b);
-            }
+        let ranges: Vec<(usize, usize)> = if missing.is_empty() {
+            vec![(0, count)]
         } else {
-            for m in missing {
-                let end = (m.start as usize + m.len as usize).min(count);
-                for i in m.start as usize..end {
-                    emit(i, &mut b);
+            missing.iter().map(|m| (m.start as usize, (m.start as usize + m.len as usize).min(count))).collect()
+        };
+        for (start, end) in ranges {
+            for i in start..end {
+                if !emit(i, &mut b) {
+                    return;
                 }
             }
         }

@@ -299,7 +299,18 @@ fn responses_go_out_in_bounded_bursts() {
     session.encode_response_each(rid, &resp, &missing, 7, |b| {
         bursts.push(b.buf.len().div_ceil(b.seg));
         dgrams.extend(b.buf.chunks(b.seg).map(|c| c.to_vec()));
+        true
     });
+    // A sender that gives up after the first burst stops the sealing there.
+    let mut calls = 0;
+    session.encode_response_each(rid, &resp, &missing, 7, |_| {
+        calls += 1;
+        false
+    });
+    assert_eq!(calls, 1);
+    // A repair of pieces past the end sends nothing and still has a datagram size.
+    let none = session.encode_response(rid, &resp, &[super::frame::Missing { start: 60_000, len: 5 }]);
+    assert!(none.buf.is_empty() && none.seg > 0);
     assert!(bursts.len() > 10 && bursts.iter().all(|&n| (1..=7).contains(&n)), "{bursts:?}");
     for mut g in dgrams {
         s.client.handle_datagram(now, &mut g);

@@ -25,7 +25,7 @@
 //! at `96 + 32 * sum_{i<j} level_len(n, i)`. A single-chunk file has no table: the file is the header alone.
 //!
 //! Old versions are collected: the index remembers the version it last served per (device, inode,
-//! chunk size) and deletes the tree of any other version once a newer one is served (the file
+//! chunk size) and deletes the tree of an older version once a newer one is served (the file
 //! has changed, so that tree can never be asked for again), and a scan at start, in the
 //! background, keeps only the newest tree (by ctime, then mtime) of each such triple. Trees of
 //! files deleted for good stay until their inode number is reused (the index never sees paths).
@@ -252,12 +252,20 @@ impl Shared {
         self.dir.join(format!("{}.tree", key_name(key)))
     }
 
-    /// `key` was just served, so the file is at that version now (callers checked): the tree of
-    /// any other version of the same inode and chunk size is stale.
+    /// `key` was just served, so the file was at that version a moment ago (callers checked):
+    /// the tree of an *older* version of the same inode and chunk size is stale. A version older
+    /// than the one remembered (a slow job finishing after the file changed again) changes
+    /// nothing; its tree goes at the next scan.
     fn supersede(&self, key: &Key) {
         let (v, log2) = *key;
-        let old = lock(&self.current).put((v.dev, v.ino, log2), v);
-        if let Some(old) = old.filter(|o| *o != v) {
+        let old = {
+            let mut cur = lock(&self.current);
+            match cur.get(&(v.dev, v.ino, log2)) {
+                Some(c) if !later(&v, c) => return,
+                _ => cur.put((v.dev, v.ino, log2), v),
+            }
+        };
+        if let Some(old) = old {
             self.remove_tree(&(old, log2));
         }
     }
@@ -288,7 +296,6 @@ impl Shared {
             if entry.path() != self.tree_path(&(v, log2)) {
                 continue;
             }
-            let later = |a: &Version, b: &Version| (a.ctime_ns, a.mtime_ns) > (b.ctime_ns, b.mtime_ns);
             match newest.get_mut(&(v.dev, v.ino, log2)) {
                 Some(n) if later(&v, n) => stale.push((std::mem::replace(n, v), log2)),
                 Some(n) if later(n, &v) => stale.push((v, log2)),
@@ -299,14 +306,16 @@ impl Shared {
             }
         }
         for (k, v) in newest {
-            // Served meanwhile at some version: that one is current, whatever the scan saw.
+            // Served meanwhile at a later version: the scan's newest is stale too.
             let cur = *lock(&self.current).get_or_insert(k, || v);
-            if cur != v {
+            if later(&cur, &v) {
                 stale.push((v, k.2));
             }
         }
         for key in stale {
-            if lock(&self.current).peek(&(key.0.dev, key.0.ino, key.1)) != Some(&key.0) {
+            // Only what something later has replaced (checked again: served versions move on).
+            let cur = lock(&self.current).peek(&(key.0.dev, key.0.ino, key.1)).copied();
+            if cur.is_some_and(|c| later(&c, &key.0)) {
                 self.remove_tree(&key);
             }
         }
@@ -486,6 +495,11 @@ fn version_of(m: &std::fs::Metadata) -> Version {
             .saturating_mul(1_000_000_000)
             .saturating_add(m.ctime_nsec()),
     }
+}
+
+/// Whether version `a` of an inode came after `b` (ctime never goes back; mtime breaks ties).
+fn later(a: &Version, b: &Version) -> bool {
+    (a.ctime_ns, a.mtime_ns) > (b.ctime_ns, b.mtime_ns)
 }
 
 fn key_name((v, chunk_log2): &Key) -> String {

@@ -329,9 +329,12 @@ fn work(io: &dyn DatagramIo, handler: &Handler, job: Job, burst: usize) {
     let resp = handler.handle(req).into_bytes();
     // In bursts sealed just before they go, so that packet numbers reach the client in about
     // the order they were taken, whatever the other workers do (see MAX_BURST).
-    job.session.encode_response_each(job.id, &resp, &job.missing, burst, |b| {
-        if let Err(e) = io.send_burst(job.peer, &b.buf, b.seg) {
+    job.session.encode_response_each(job.id, &resp, &job.missing, burst, |b| match io.send_burst(job.peer, &b.buf, b.seg) {
+        Ok(()) => true,
+        Err(e) => {
+            // The rest would likely fail too; the client asks again for what it misses.
             tracing::debug!(error = %e, peer = %job.peer, "send failed");
+            false
         }
     });
 }

@@ -422,4 +422,9 @@ fn trees_of_superseded_versions_are_collected() {
     assert_eq!(index.shared.hashed_bytes.load(Ordering::Relaxed), 0, "nothing rehashed");
     // A second scan finds nothing more.
     assert_eq!(index.collect_stale(), 0);
+    // A slow job for the old version finishing late changes nothing: the newer tree stays.
+    index.shared.supersede(&(v1, 10));
+    assert!(index.shared.tree_path(&(v2, 10)).exists());
+    assert_eq!(index.collect_stale(), 0);
+    assert!(index.shared.tree_path(&(v2, 10)).exists());
 }
