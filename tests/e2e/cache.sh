@@ -63,7 +63,7 @@ ln -s big.bin "$SRC/link"
 mkdir -p "$SRC/many" && (cd "$SRC/many" && for i in $(seq -w 1 600); do : >"entry-with-a-longish-name-$i"; done)
 
 PORT=$(free_udp_port)
-SERVE_ARGS=(--key "$KEY" --state-dir "$WORK/state" --export "tree=$SRC")
+SERVE_ARGS=(--key "$KEY" --state-dir "$WORK/state" --export "tree=$SRC" --export "mib1=$SRC,chunk=1M" --export "mib16=$SRC,chunk=16M")
 serve cache "" 127.0.0.1 "$PORT" "${SERVE_ARGS[@]}" || exit 1
 SPID=$SERVER_PID
 SPEC=127.0.0.1:$PORT:/tree
@@ -120,6 +120,24 @@ with open(sys.argv[2], "rb") as f:
     check "passthrough: concurrent opens" timeout 60 bash -c "exec 3<'$M/big.bin'; cmp '$SRC/big.bin' '$M/big.bin' && cmp '$SRC/big.bin' /dev/fd/3"
     umount_ok warm "$M"
 fi
+
+# --- chunks larger than a registered slot: reassembled on the heap, written and read in parts --
+for share in mib1 mib16; do
+    LM=$WORK/cli/$share
+    LOPTS="cache_dir=$WORK/cache-$share,cache_size=1G,nopassthrough"
+    if mount_ok "$share: cold" "" "127.0.0.1:$PORT:/$share" "$LM" "keyfile=$KEY,$LOPTS"; then
+        check "$share: cold read byte-identical" timeout 60 cmp "$SRC/big.bin" "$LM/big.bin"
+        sleep 0.5
+        expect "$share: chunks written to the cache" gt "$(stat_of "$LM" cache_chunks_written)" 0
+        umount_ok "$share: cold" "$LM"
+    fi
+    drop_caches
+    if mount_ok "$share: warm" "" "127.0.0.1:$PORT:/$share" "$LM" "keyfile=$KEY,$LOPTS"; then
+        check "$share: warm read byte-identical" timeout 60 cmp "$SRC/big.bin" "$LM/big.bin"
+        expect "$share: warm read took nothing from the network" eq "$(stat_of "$LM" bytes_from_network)" 0
+        umount_ok "$share: warm" "$LM"
+    fi
+done
 
 # --- random small reads: a few verified pieces of a chunk, not the whole chunk ---------------
 flip() { printf '\x5a' | dd of="$1" bs=1 seek="$2" conv=notrunc status=none; }
