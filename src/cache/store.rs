@@ -22,7 +22,7 @@ use super::writer::{self, WMsg};
 use super::{CacheConfig, Stats};
 use crate::chunk::{Buf, Cv, Geometry, PieceCvs, VerifiedChunk, VerifiedSpan, PIECE_SIZE};
 use crate::sys::disk;
-use crate::sys::uring::{IoConfig, IoThread, Mode, Op};
+use crate::sys::uring::{IoConfig, IoCounts, IoThread, Mode, Op};
 
 /// Writes admitted but not completed, at most; beyond, chunks stream through uncached.
 const MAX_WRITES: u64 = 64;
@@ -62,23 +62,6 @@ pub struct Store {
     lender: Option<Arc<dyn crate::chunk::pool::SlotSource>>,
     _lock: File,
     pub replay_time: Duration,
-}
-
-/// The ring thread's counters.
-#[derive(Clone, Copy, Debug)]
-pub struct IoCounts {
-    /// Operations (SQEs) submitted.
-    pub sqes: u64,
-    /// `io_uring_enter` calls.
-    pub enters: u64,
-    /// Most SQEs in one enter.
-    pub max_batch: u64,
-    /// Chunks written from the registered slot they arrived in.
-    pub zero_copy_writes: u64,
-    /// Chunk reads handed over in the registered slot they landed in.
-    pub zero_copy_reads: u64,
-    /// Slots of registered memory now.
-    pub slots: u64,
 }
 
 /// A complete file's data file, pinned (never evicted) while this lives: the kernel reads it for
@@ -193,16 +176,7 @@ impl Store {
 
     /// How well submissions batch and how often bytes stayed where they were.
     pub fn io_stats(&self) -> IoCounts {
-        let s = &self.shared.io.stats;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        IoCounts {
-            sqes: g(&s.sqes),
-            enters: g(&s.enters),
-            max_batch: g(&s.max_batch),
-            zero_copy_writes: g(&s.zero_copy_writes),
-            zero_copy_reads: g(&s.zero_copy_reads),
-            slots: g(&s.slots),
-        }
+        self.shared.io.stats.snapshot()
     }
 
     pub fn stats(&self) -> &Stats {

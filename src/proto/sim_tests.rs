@@ -165,6 +165,20 @@ impl Sim {
 
 const PSK: [u8; 32] = [9; 32];
 
+fn clean() -> LinkCfg {
+    LinkCfg { loss: 0.0, dup: 0.0, delay: Duration::from_millis(1), jitter: Duration::ZERO }
+}
+
+/// A simulation on a clean link whose session is up (one small request went through).
+fn connected(seed: u64) -> Sim {
+    let mut s = Sim::new(seed, clean(), PSK, PSK, 1472);
+    let t0 = s.now;
+    let id = s.client.start_request(t0, req(5000, 1), 5000, t0 + Duration::from_secs(5));
+    s.run(t0 + Duration::from_secs(5), 1);
+    assert!(s.done[&id].is_ok(), "the session is up");
+    s
+}
+
 fn lossy() -> LinkCfg {
     LinkCfg { loss: 0.05, dup: 0.03, delay: Duration::from_millis(10), jitter: Duration::from_millis(4) }
 }
@@ -205,8 +219,7 @@ fn heavy_loss_still_completes() {
 
 #[test]
 fn window_grows_on_clean_link_and_shrinks_on_loss() {
-    let clean = LinkCfg { loss: 0.0, dup: 0.0, delay: Duration::from_millis(1), jitter: Duration::ZERO };
-    let mut s = Sim::new(1, clean, PSK, PSK, 1472);
+    let mut s = Sim::new(1, clean(), PSK, PSK, 1472);
     let t0 = s.now;
     let ids: Vec<u64> =
         (0..200u32).map(|t| s.client.start_request(t0, req(262_144, t), 262_144, t0 + Duration::from_secs(60))).collect();
@@ -282,12 +295,7 @@ fn another_protocol_version_is_named_not_timed_out() {
 /// handed over, and the client puts them together exactly.
 #[test]
 fn responses_go_out_in_bounded_bursts() {
-    let clean = LinkCfg { loss: 0.0, dup: 0.0, delay: Duration::from_millis(1), jitter: Duration::ZERO };
-    let mut s = Sim::new(5, clean, PSK, PSK, 1472);
-    let t0 = s.now;
-    let id = s.client.start_request(t0, req(10, 0), 10, t0 + Duration::from_secs(5));
-    s.run(t0 + Duration::from_secs(5), 1);
-    assert!(s.done[&id].is_ok(), "the session is up");
+    let mut s = connected(5);
     let now = s.now;
     let id2 = s.client.start_request(now, req(200_000, 1), 200_000, now + Duration::from_secs(5));
     let mut d = s.client.poll_transmit().unwrap();
@@ -352,13 +360,7 @@ fn server_restart_mid_transfer_recovers() {
 
 #[test]
 fn strangers_get_nothing_and_replays_are_dropped() {
-    let clean = LinkCfg { loss: 0.0, dup: 0.0, delay: Duration::from_millis(1), jitter: Duration::ZERO };
-    let mut s = Sim::new(6, clean, PSK, PSK, 1472);
-    let t0 = s.now;
-    let id = s.client.start_request(t0, req(5000, 1), 5000, t0 + Duration::from_secs(5));
-    // Capture the client's datagrams by running and recording what the server sees.
-    s.run(t0 + Duration::from_secs(5), 1);
-    assert!(s.done[&id].is_ok());
+    let mut s = connected(6);
     // Replay a fresh request datagram twice: the second copy is dropped.
     let now = s.now;
     s.client.start_request(now, req(10, 2), 10, now + Duration::from_secs(5));

@@ -151,19 +151,46 @@ pub struct IoConfig {
     pub force_sync: bool,
 }
 
-/// How much batching happened: operations (SQEs) per `io_uring_enter`.
+/// The ring thread's counters, read at one moment ([`IoStats::snapshot`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IoCounts {
+    /// Operations (SQEs) submitted.
+    pub sqes: u64,
+    /// `io_uring_enter` calls.
+    pub enters: u64,
+    /// Most SQEs one `io_uring_enter` submitted.
+    pub max_batch: u64,
+    /// Writes issued straight from the data's own registered slot (no copy).
+    pub zero_copy_writes: u64,
+    /// Reads completed in the slot they landed in (no copy).
+    pub zero_copy_reads: u64,
+    /// Slots registered now.
+    pub slots: u64,
+}
+
+/// How much batching happened and how often bytes stayed where they were; see [`IoCounts`].
 #[derive(Default, Debug)]
 pub struct IoStats {
     pub sqes: AtomicU64,
     pub enters: AtomicU64,
-    /// Most SQEs one `io_uring_enter` submitted.
     pub max_batch: AtomicU64,
-    /// Writes issued straight from the data's own registered slot (no copy).
     pub zero_copy_writes: AtomicU64,
-    /// Reads completed in the slot they landed in (no copy).
     pub zero_copy_reads: AtomicU64,
-    /// Slots registered now.
     pub slots: AtomicU64,
+}
+
+impl IoStats {
+    pub fn snapshot(&self) -> IoCounts {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        IoCounts {
+            sqes: g(&self.sqes),
+            enters: g(&self.enters),
+            max_batch: g(&self.max_batch),
+            zero_copy_writes: g(&self.zero_copy_writes),
+            zero_copy_reads: g(&self.zero_copy_reads),
+            slots: g(&self.slots),
+        }
+    }
 }
 
 /// Handle to the ring thread. Dropping it stops the thread after every operation completed.
