@@ -4,6 +4,7 @@
 #![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod arena;
 pub mod disk;
 pub mod fs;
 pub mod mount;

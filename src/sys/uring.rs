@@ -22,7 +22,6 @@
 //! - Fallback: when the ring cannot be set up, buffers cannot be registered, or the kernel lacks
 //!   an opcode, the thread says so once and serves the same requests with `pread`/`pwrite`.
 
-use std::alloc::{alloc_zeroed, dealloc, handle_alloc_error, Layout};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
@@ -31,65 +30,15 @@ use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::arena::{Arena, ArenaState, Lease, Lender};
+pub use super::arena::AlignedBuf;
 use crate::chunk::pool::{Buf, Slot, SlotSource};
 
 use io_uring::{opcode, types, IoUring, Probe};
 
-/// Heap memory aligned for `O_DIRECT`, freed with the layout it was allocated with.
-pub struct AlignedBuf {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: AlignedBuf owns its allocation exclusively (like Box<[u8]>); moving it to another
-// thread moves that ownership.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    /// `len` zeroed bytes aligned to `align` (a power of two). Panics on a zero length or a bad
-    /// alignment (caller bugs); aborts like `Vec` when memory runs out.
-    pub fn new(len: usize, align: usize) -> Self {
-        let layout = Layout::from_size_align(len, align).expect("AlignedBuf: bad size or alignment");
-        assert!(len > 0, "AlignedBuf: zero length");
-        // SAFETY: the layout has a non-zero size (checked above).
-        let raw = unsafe { alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else { handle_alloc_error(layout) };
-        AlignedBuf { ptr, layout }
-    }
-
-    pub fn len(&self) -> usize {
-        self.layout.size()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points to `len` initialised (zeroed at allocation) bytes we own; the shared
-        // borrow of self prevents a concurrent &mut.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len()) }
-    }
-
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
-    }
-
-    fn as_mut_ptr(&mut self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was returned by alloc_zeroed with exactly this layout and is freed once.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
 
 /// One I/O request. Offsets and lengths must respect the file's `O_DIRECT` alignment when the
 /// file was opened with `O_DIRECT` (the caller pads).
@@ -206,8 +155,6 @@ pub struct IoThread {
 const WAKE: u64 = u64::MAX;
 /// Fewer registered slots than this: not worth io_uring, use pread/pwrite.
 const MIN_RESERVE: usize = 8;
-/// Slots added at a time when lending ran dry.
-const GROW_BY: usize = 32;
 /// The most buffers io_uring registers (IORING_MAX_REG_BUFFERS).
 const MAX_REG_BUFFERS: usize = 16384;
 
@@ -275,7 +222,7 @@ impl IoThread {
     }
 }
 
-fn poke(wake: &File) {
+pub(super) fn poke(wake: &File) {
     let _ = (&*wake).write(&1u64.to_ne_bytes());
 }
 
@@ -343,122 +290,6 @@ fn copy_in_part(op: &Op, dst: &mut [u8], start: usize) {
     }
 }
 
-/// Memory registered with the ring, in slots of one size. Slot `i` is registered at buffer index
-/// `i`. A slot is either free (in `free`), used by one part of an operation in flight, or lent
-/// out as a [`Lease`] that gives it back when dropped. Registered memory is never freed while the
-/// ring exists: the ring thread holds the arena until the ring is gone, and every lease holds it.
-pub struct Arena {
-    slot: usize,
-    align: usize,
-    /// Slots lending never takes: operations of up to this many parts always get their slots.
-    reserve: usize,
-    state: Mutex<ArenaState>,
-    /// The ring thread's eventfd.
-    wake: Arc<File>,
-}
-
-struct ArenaState {
-    bufs: Vec<AlignedBuf>,
-    free: Vec<u16>,
-    /// How many slots the ring's table holds.
-    max: usize,
-    /// A borrower found nothing free: the ring thread registers more (up to `max`).
-    grow: bool,
-    /// The ring thread waits for slots to come back.
-    waiting: bool,
-}
-
-impl Arena {
-    fn lease(self: &Arc<Self>, st: &ArenaState, id: u16) -> Lease {
-        Lease { arena: self.clone(), id, ptr: st.bufs[id as usize].ptr, len: self.slot }
-    }
-
-    /// `n` slots for an operation's parts (reserve included), or None (then the ring waits).
-    fn take(self: &Arc<Self>, n: usize) -> Option<Vec<Lease>> {
-        let mut st = self.state.lock().unwrap();
-        if st.free.len() < n {
-            st.waiting = true;
-            return None;
-        }
-        let at = st.free.len() - n;
-        let ids: Vec<u16> = st.free.drain(at..).collect();
-        Some(ids.into_iter().map(|id| self.lease(&st, id)).collect())
-    }
-
-    /// Whether a slot may leave the ring for good (as a read's result) and keep the reserve.
-    fn can_lend(&self) -> bool {
-        self.state.lock().unwrap().free.len() >= self.reserve
-    }
-
-    fn give_back(&self, id: u16) {
-        let mut st = self.state.lock().unwrap();
-        st.free.push(id);
-        if std::mem::take(&mut st.waiting) {
-            drop(st);
-            poke(&self.wake);
-        }
-    }
-}
-
-/// Lends the arena's slots to chunk buffers (see [`crate::chunk::pool`]), never its reserve.
-struct Lender(Arc<Arena>);
-
-impl SlotSource for Lender {
-    fn lend(&self, len: usize) -> Option<Box<dyn Slot>> {
-        let a = &self.0;
-        if len > a.slot {
-            return None;
-        }
-        let mut st = a.state.lock().unwrap();
-        if st.free.len() > a.reserve {
-            let id = st.free.pop().unwrap();
-            return Some(Box::new(a.lease(&st, id)));
-        }
-        if st.bufs.len() < st.max && !st.grow {
-            st.grow = true;
-            drop(st);
-            poke(&a.wake);
-        }
-        None
-    }
-}
-
-/// One slot of the arena, owned by whoever holds it; back to the free list when dropped.
-pub struct Lease {
-    arena: Arc<Arena>,
-    id: u16,
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: a Lease owns its slot's bytes exclusively (the id is out of the free list until the
-// Lease drops), like a Box<[u8]>; the memory lives as long as the arena, which the Lease holds.
-unsafe impl Send for Lease {}
-// SAFETY: shared access only reads (as_slice); writing needs &mut.
-unsafe impl Sync for Lease {}
-
-impl Slot for Lease {
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len is the slot's allocation (an AlignedBuf the arena keeps until it
-        // drops, after this Lease), initialised at allocation, and no one else uses this slot.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        self.arena.give_back(self.id);
-    }
-}
 
 /// Register `iovecs` at table indexes `at..`, one per call: the kernel may register part of a
 /// batch and report only how many (which `register_buffers_update` drops), so one at a time is
@@ -498,6 +329,8 @@ struct Ring {
     warned_grow: bool,
     /// For operations of more parts than the reserve has slots: pread/pwrite through this.
     big: AlignedBuf,
+    /// The thread that prepares memory for the arena to grow (when it may grow).
+    preparer: Option<JoinHandle<()>>,
 }
 
 impl Ring {
@@ -555,16 +388,11 @@ impl Ring {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
-        let free = (0..bufs.len() as u16).rev().collect();
-        let arena = Arc::new(Arena {
-            slot: cfg.buf_size,
-            align: cfg.align,
-            reserve: bufs.len(),
-            state: Mutex::new(ArenaState { bufs, free, max, grow: false, waiting: false }),
-            wake,
-        });
+        let reserve = bufs.len();
+        let arena = Arc::new(Arena::new(cfg.buf_size, cfg.align, reserve, ArenaState::new(bufs, max), wake));
+        let preparer = if max > reserve { Some(arena.spawn_preparer()?) } else { None };
         let big = AlignedBuf::new(cfg.buf_size, cfg.align);
-        Ok(Ring { ring, arena, wake_buf: Box::new(0), warned_grow: false, big })
+        Ok(Ring { ring, arena, wake_buf: Box::new(0), warned_grow: false, big, preparer })
     }
 
     fn arm_wake(&mut self) {
@@ -578,22 +406,20 @@ impl Ring {
         unsafe { self.ring.submission().push(&e).expect("submission queue has room for the wake read") };
     }
 
-    /// Register up to [`GROW_BY`] more slots when a borrower found none free. Memory is made
-    /// and registered (page faults, pinning) without holding the arena's lock; only this thread
-    /// ever adds slots.
+    /// Register the slots the preparing thread made ready (see [`Arena`]). Their pages are
+    /// there already, so registering only pins them; only this thread ever adds slots.
     fn grow(&mut self, stats: &IoStats) {
         let a = self.arena.clone();
-        let (have, n) = {
+        let (have, mut new) = {
             let mut st = a.state.lock().unwrap();
-            if !std::mem::take(&mut st.grow) {
+            if st.ready.is_empty() {
                 return;
             }
-            (st.bufs.len(), GROW_BY.min(st.max - st.bufs.len()))
+            let room = st.max.saturating_sub(st.bufs.len());
+            let mut new = std::mem::take(&mut st.ready);
+            new.truncate(room);
+            (st.bufs.len(), new)
         };
-        if n == 0 {
-            return;
-        }
-        let mut new: Vec<AlignedBuf> = (0..n).map(|_| AlignedBuf::new(a.slot, a.align)).collect();
         let iovecs: Vec<libc::iovec> =
             new.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
         // SAFETY: the iovecs describe the new AlignedBufs, which move into the arena below (heap
@@ -763,6 +589,10 @@ impl Ring {
             }
         }
         // The ring (and its registration) goes first, then the arena (unless leases hold it).
+        self.arena.stop_preparer();
+        if let Some(j) = self.preparer.take() {
+            let _ = j.join();
+        }
         let Ring { ring, arena, wake_buf, big, .. } = self;
         drop(big);
         drop(ring);
@@ -790,7 +620,9 @@ impl Ring {
                     }
                     (None, Some(l)) => {
                         // Register more, so that later reads can stay where they land.
-                        self.arena.state.lock().unwrap().grow = true;
+                        let mut st = self.arena.state.lock().unwrap();
+                        self.arena.want_more(&mut st);
+                        drop(st);
                         let mut v = crate::chunk::pool::take_vec(n);
                         v.copy_from_slice(&l.bytes()[..n]);
                         Ok(v.into())
