@@ -46,6 +46,8 @@ pub struct Stats {
     pub bytes_written: AtomicU64,
     /// Chunks not cached: no room, too many writes queued, or a write error (they streamed).
     pub not_admitted: AtomicU64,
+    /// The most bytes ever queued for writing at once (how far the writer fell behind).
+    pub write_queue_peak: AtomicU64,
     pub evictions: AtomicU64,
     pub verify_failures: AtomicU64,
     pub write_errors: AtomicU64,

@@ -105,7 +105,7 @@ impl Writer {
             WMsg::Write { root, meta, idx, rec, chunk } => self.write(root, meta, idx, rec, chunk),
             WMsg::Done { root, meta, idx, rec, padded, file, pieces, result } => {
                 self.inflight -= 1;
-                self.sh.writes_inflight.fetch_sub(1, Ordering::Relaxed);
+                self.sh.write_done(rec.len);
                 let ok = result.is_ok();
                 self.done(root, meta, idx, rec, padded, &file, result);
                 if let (true, Some(p)) = (ok, pieces) {
@@ -127,13 +127,26 @@ impl Writer {
         let (file, direct) = match self.sh.file(&root, &g, true) {
             Ok(f) => f,
             Err(e) => {
-                self.sh.writes_inflight.fetch_sub(1, Ordering::Relaxed);
+                self.sh.write_done(rec.len);
                 self.failed(root, idx, rec, e);
                 return;
             }
         };
         let len = chunk.len();
         let padded = if direct { round_up(len, self.sh.align as usize) } else { len };
+        if direct {
+            // Blocks allocated beforehand make the write an overwrite, which the kernel can
+            // start without blocking, so io_uring issues it at once; a write into a hole needs
+            // allocation, which io_uring hands to a worker thread that serves one file's writes
+            // one at a time. Where fallocate is not supported the write allocates as before.
+            if let Err(e) = disk::allocate(&*file, g.chunk_offset(idx), padded as u64) {
+                if no_space(&e) {
+                    self.sh.write_done(rec.len);
+                    self.failed(root, idx, rec, e);
+                    return;
+                }
+            }
+        }
         let me = self.me.clone();
         let f2 = file.clone();
         let pieces = chunk.pieces().map(|p| p.to_bytes());

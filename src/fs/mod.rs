@@ -658,6 +658,7 @@ impl Fs {
                 let _ = writeln!(s, "cache_chunks_written {}", g(&st.chunks_written));
                 let _ = writeln!(s, "cache_bytes_written {}", g(&st.bytes_written));
                 let _ = writeln!(s, "cache_not_admitted {}", g(&st.not_admitted));
+                let _ = writeln!(s, "cache_write_queue_peak_bytes {}", g(&st.write_queue_peak));
                 let _ = writeln!(s, "cache_evictions {}", g(&st.evictions));
                 let _ = writeln!(s, "cache_verify_failures {}", g(&st.verify_failures));
                 let _ = writeln!(s, "cache_write_errors {}", g(&st.write_errors));

@@ -65,6 +65,17 @@ pub fn punch_hole(file: &impl AsFd, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// `getxattr(2)` on a path, following symlinks.
+/// Allocate the blocks of `offset..offset+len` without changing the file's size (their bytes
+/// read as zeros until written).
+pub fn allocate(file: &impl AsFd, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate takes an open fd and integers, no memory.
+    let ret = unsafe { libc::fallocate(file.as_fd().as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
     let p = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;

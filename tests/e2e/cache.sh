@@ -139,6 +139,29 @@ for share in mib1 mib16; do
     fi
 done
 
+# --- a cold read at full speed leaves every chunk cached ------------------------------------
+# The writer runs beside the reader: on a busy machine it falls behind for a while, and the
+# chunks offered meanwhile must wait their turn rather than be dropped, or a second read goes
+# back to the network. (With room for 64 queued writes, a third of a 1 GiB cold read on this
+# 2-core machine was never cached.)
+STREAM_MIB=${WRAITH_E2E_STREAM_MIB:-384}
+timeout 120 head -c $((STREAM_MIB << 20)) /dev/urandom >"$SRC/stream.bin"
+SOPTS="cache_dir=$WORK/cache-stream,cache_size=1G,nopassthrough"
+if cmount "stream: cold" "$M" "$SOPTS"; then
+    timeout 120 getfattr -n user.wraith.blake3 "$M/stream.bin" >/dev/null 2>&1 # the server hashes it first
+    drop_caches
+    check "stream: ${STREAM_MIB} MiB read cold with dd" timeout 300 dd if="$M/stream.bin" of=/dev/null bs=1M status=none
+    expect "stream: every chunk was admitted to the cache" eq "$(stat_of "$M" cache_not_admitted)" 0
+    umount_ok "stream: cold" "$M"
+fi
+drop_caches
+if cmount "stream: warm" "$M" "$SOPTS"; then
+    check "stream: warm read byte-identical" timeout 300 cmp "$SRC/stream.bin" "$M/stream.bin"
+    expect "stream: warm read took nothing from the network" eq "$(stat_of "$M" bytes_from_network)" 0
+    umount_ok "stream: warm" "$M"
+fi
+rm -f "$SRC/stream.bin"
+
 # --- random small reads: a few verified pieces of a chunk, not the whole chunk ---------------
 flip() { printf '\x5a' | dd of="$1" bs=1 seek="$2" conv=notrunc status=none; }
 randread() {
