@@ -5,8 +5,10 @@
 // arrived on. Everything else -- ARP, ICMP, TCP, other UDP ports, fragments, frames on a queue
 // with no socket -- continues into the kernel's stack untouched (XDP_PASS).
 //
-// The port arrives after loading, through `wraith_cfg` (key 0, port in network byte order);
-// until it is set the filter passes every frame. Built by build.rs with
+// The port and the local addresses arrive after loading, through `wraith_cfg` (key 0); until
+// the port is set the filter passes every frame. Only frames to wraith's port *and* to one of
+// its addresses are taken: the same port on another address of the machine belongs to whoever
+// bound it there, and keeps working. Built by build.rs with
 // `clang -O2 -target bpf`; self-contained on purpose (no kernel or libbpf headers needed).
 
 typedef unsigned char __u8;
@@ -40,9 +42,14 @@ struct xdp_md {
 static void *(*map_lookup)(void *map, const void *key) = (void *)1;
 static long (*redirect_map)(void *map, __u64 key, __u64 flags) = (void *)51;
 
+#define CFG_V4 1
+#define CFG_V6 2
+
 struct wraith_cfg {
 	__u16 port_be; // wraith's UDP port, network byte order; 0 = not configured
-	__u16 reserved;
+	__u16 flags;   // CFG_V4: serve IPv4 to `v4`; CFG_V6: serve IPv6 to `v6`
+	__u8 v4[4];    // wire order
+	__u8 v6[16];   // wire order
 };
 
 struct {
@@ -52,20 +59,36 @@ struct {
 	__type(value, struct wraith_cfg);
 } wraith_cfg SEC(".maps");
 
-// Queue index -> AF_XDP socket. Sized for the largest queue count wraith binds.
+// Queue index -> AF_XDP socket. Sized for the largest queue count wraith binds (MAX_QUEUES in
+// src/sys/xdp_prog.rs).
 struct {
 	__uint(type, MAP_XSKMAP);
-	__uint(max_entries, 64);
+	__uint(max_entries, 256);
 	__type(key, __u32);
 	__type(value, __u32);
 } wraith_xsks SEC(".maps");
 
+// `-target bpf` compiles for the host's byte order: constants are turned into wire order for it.
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define BE16(x) ((__u16)((((x) & 0xff) << 8) | (((x) >> 8) & 0xff)))
+#else
+#define BE16(x) ((__u16)(x))
+#endif
 
 static inline __u16 load16(const __u8 *p)
 {
-	// The frame's bytes in wire order, read as the host (little-endian) sees them.
-	return (__u16)p[0] | ((__u16)p[1] << 8);
+	// Two bytes in wire order, as the host reads them from memory (comparable with BE16).
+	__u16 v;
+	__builtin_memcpy(&v, p, 2);
+	return v;
+}
+
+static inline int same(const __u8 *a, const __u8 *b, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (a[i] != b[i])
+			return 0;
+	return 1;
 }
 
 SEC("xdp")
@@ -102,11 +125,15 @@ int wraith_xdp(struct xdp_md *ctx)
 		// Fragments (more-fragments set or a non-zero offset) go to the kernel to reassemble.
 		if ((load16(p + 6) & BE16(0x3fff)) != 0)
 			return XDP_PASS;
+		if (!(cfg->flags & CFG_V4) || !same(p + 16, cfg->v4, 4))
+			return XDP_PASS;
 		udp = p + ihl;
 	} else if (ethertype == BE16(ETH_P_IPV6)) {
 		if (p + 40 > end)
 			return XDP_PASS;
 		if ((p[0] >> 4) != 6 || p[6] != PROTO_UDP)
+			return XDP_PASS;
+		if (!(cfg->flags & CFG_V6) || !same(p + 24, cfg->v6, 16))
 			return XDP_PASS;
 		udp = p + 40;
 	} else {

@@ -369,7 +369,9 @@ impl Client {
     fn on_response(&mut self, now: Instant, d: &mut [u8]) {
         let Some(key) = self.response_key() else { return };
         match key.authenticate(d) {
-            Some(a) => self.on_authentic(now, a),
+            Some(a) => {
+                self.on_authentic(now, a);
+            }
             None => self.stats.dropped_bad_mac += 1,
         }
     }
@@ -383,34 +385,36 @@ impl Client {
 
     /// Take a RESPONSE whose MAC was already checked (possibly on another thread). A datagram of a
     /// session that has since been replaced is ignored.
-    pub fn handle_authentic(&mut self, now: Instant, a: Authentic<'_>) {
+    /// Take a response datagram authenticated outside the lock. True when it belongs to this
+    /// session and is new (not a replay): the path may trust where it came from.
+    pub fn handle_authentic(&mut self, now: Instant, a: Authentic<'_>) -> bool {
         self.stats.datagrams_in += 1;
-        self.on_authentic(now, a);
+        self.on_authentic(now, a)
     }
 
-    fn on_authentic(&mut self, now: Instant, a: Authentic<'_>) {
+    fn on_authentic(&mut self, now: Instant, a: Authentic<'_>) -> bool {
         let Authentic { h, body } = a;
-        let State::Up { session, .. } = &self.state else { return };
+        let State::Up { session, .. } = &self.state else { return false };
         if h.session != *session {
-            return;
+            return false;
         }
         if !self.replay.accept(h.pn) {
             self.stats.dropped_replay += 1;
-            return;
+            return false;
         }
         self.last_rx = Some(now);
-        let Some(p) = frame::decode_piece(&body[HEADER_LEN..]) else { return };
-        let Some(r) = self.reqs.get_mut(&p.req_id) else { return };
-        let Some(sent_at) = r.sent_at else { return };
+        let Some(p) = frame::decode_piece(&body[HEADER_LEN..]) else { return true };
+        let Some(r) = self.reqs.get_mut(&p.req_id) else { return true };
+        let Some(sent_at) = r.sent_at else { return true };
         let asm = match &mut r.asm {
             Some(a) => a,
             None => {
                 if p.total as usize > super::msg::MAX_RESPONSE || p.piece_size == 0 {
-                    return;
+                    return true;
                 }
                 let count = (p.total as usize).div_ceil(p.piece_size as usize).max(1);
                 if count > u16::MAX as usize {
-                    return;
+                    return true;
                 }
                 if !r.retransmitted {
                     self.rtt.sample(now.saturating_duration_since(sent_at));
@@ -427,16 +431,16 @@ impl Client {
             }
         };
         if p.total != asm.total || p.piece_size != asm.piece || p.index >= asm.count {
-            return;
+            return true;
         }
         let off = p.index as usize * asm.piece as usize;
         let want = (asm.total as usize - off).min(asm.piece as usize);
         if p.data.len() != want {
-            return;
+            return true;
         }
         let (w, m) = (p.index as usize / 64, 1u64 << (p.index % 64));
         if asm.have[w] & m != 0 {
-            return;
+            return true;
         }
         asm.have[w] |= m;
         asm.got += 1;
@@ -450,6 +454,7 @@ impl Client {
             self.events.push_back(Event::Done { id: p.req_id, result: Ok(asm.buf) });
             self.flush(now);
         }
+        true
     }
 
     fn fail(&mut self, id: u64, e: Error) {

@@ -288,9 +288,11 @@ pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], worker
             continue;
         }
         let now = Instant::now();
+        // Only a request accepted by a session counts as authentic (a HELLO can be replayed).
         let r = io.recv_now(&mut bufs, &mut |from, d| match proto.handle(now, d) {
             Some(Input::Reply(r)) => {
                 let _ = io.send_burst(from, &r, r.len());
+                false
             }
             Some(Input::Request { session, id, missing, body }) => {
                 match tx.try_send(Job { session, peer: from, id, missing, body }) {
@@ -298,8 +300,9 @@ pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], worker
                     Err(TrySendError::Full(_)) => dropped += 1, // the client will ask again
                     Err(TrySendError::Disconnected(_)) => {}
                 }
+                true
             }
-            None => {}
+            None => false,
         });
         if let Err(e) = r {
             tracing::debug!(error = %e, "recv failed");

@@ -138,6 +138,12 @@ fn ipv4_addrs(name: &str) -> io::Result<Vec<Ipv4Addr>> {
 
 /// Wait until any of `fds` is readable or `timeout` passes. True if one is.
 pub fn poll_any_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<bool> {
+    Ok(poll_readable_last(fds, timeout)?.0)
+}
+
+/// Wait until any of `fds` is readable or `timeout` passes: whether one is, and whether the last
+/// one is.
+pub fn poll_readable_last(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<(bool, bool)> {
     let mut p: Vec<libc::pollfd> =
         fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
@@ -146,7 +152,7 @@ pub fn poll_any_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Resul
         // SAFETY: `p` holds `p.len()` initialised pollfds.
         let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
         if r >= 0 {
-            return Ok(r > 0);
+            return Ok((r > 0, p.last().is_some_and(|f| f.revents != 0)));
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

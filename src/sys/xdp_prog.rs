@@ -9,6 +9,7 @@
 
 use std::ffi::{c_void, CStr};
 use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::Once;
@@ -21,7 +22,38 @@ const PROG_NAME: &CStr = c"wraith_xdp";
 const CFG_MAP: &CStr = c"wraith_cfg";
 const XSK_MAP: &CStr = c"wraith_xsks";
 /// Entries of the XSKMAP: the highest queue index a socket can be bound to, plus one.
-pub const MAX_QUEUES: u32 = 64;
+pub const MAX_QUEUES: u32 = 256;
+
+/// What the filter takes: UDP to `port` and one of these addresses (a family left out is passed
+/// to the kernel whole).
+#[derive(Clone, Copy, Debug)]
+pub struct Filter {
+    pub port: u16,
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// `struct wraith_cfg` of bpf/wraith_xdp.c.
+#[repr(C)]
+struct Cfg {
+    port_be: u16,
+    flags: u16,
+    v4: [u8; 4],
+    v6: [u8; 16],
+}
+
+const _: () = assert!(std::mem::size_of::<Cfg>() == 24);
+
+impl Filter {
+    fn cfg(&self) -> Cfg {
+        Cfg {
+            port_be: self.port.to_be(),
+            flags: u16::from(self.v4.is_some()) | (u16::from(self.v6.is_some()) << 1),
+            v4: self.v4.map_or([0; 4], |a| a.octets()),
+            v6: self.v6.map_or([0; 16], |a| a.octets()),
+        }
+    }
+}
 
 /// Where the program runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,14 +121,16 @@ fn query(ifindex: u32) -> io::Result<Option<Attached>> {
     if r < 0 {
         return Err(errno(r));
     }
-    let mode_flags = match opts.attach_mode as u32 {
+    let (mode_flags, prog_id) = match opts.attach_mode as u32 {
         bpf::XDP_ATTACHED_NONE => return Ok(None),
-        bpf::XDP_ATTACHED_DRV => bpf::XDP_FLAGS_DRV_MODE,
-        bpf::XDP_ATTACHED_SKB => bpf::XDP_FLAGS_SKB_MODE,
-        bpf::XDP_ATTACHED_HW => bpf::XDP_FLAGS_HW_MODE,
-        _ => 0,
+        bpf::XDP_ATTACHED_DRV => (bpf::XDP_FLAGS_DRV_MODE, opts.prog_id),
+        bpf::XDP_ATTACHED_SKB => (bpf::XDP_FLAGS_SKB_MODE, opts.prog_id),
+        bpf::XDP_ATTACHED_HW => (bpf::XDP_FLAGS_HW_MODE, opts.prog_id),
+        // Programs in more than one mode: name the driver's (else the generic one).
+        _ if opts.drv_prog_id != 0 => (bpf::XDP_FLAGS_DRV_MODE, opts.drv_prog_id),
+        _ => (bpf::XDP_FLAGS_SKB_MODE, opts.skb_prog_id),
     };
-    Ok(Some(Attached { prog_id: opts.prog_id, mode_flags }))
+    Ok(Some(Attached { prog_id, mode_flags }))
 }
 
 /// The name the kernel keeps for program `id` (at most 15 bytes).
@@ -137,9 +171,9 @@ unsafe impl Send for XdpProgram {}
 unsafe impl Sync for XdpProgram {}
 
 impl XdpProgram {
-    /// Load the filter for UDP port `port`, and attach it to `ifindex` in `mode` (None: native,
-    /// then generic). A stale wraith program is replaced; any other program makes this fail.
-    pub fn attach(ifindex: u32, port: u16, mode: Option<XdpMode>) -> Result<Self, AttachError> {
+    /// Load the filter for `filter`, and attach it to `ifindex` in `mode` (None: native, then
+    /// generic). A stale wraith program is replaced; any other program makes this fail.
+    pub fn attach(ifindex: u32, filter: Filter, mode: Option<XdpMode>) -> Result<Self, AttachError> {
         quiet_libbpf();
         let replaced_stale = remove_stale(ifindex)?;
         // SAFETY: OBJECT is a static byte slice that outlives the call; null opts = defaults.
@@ -163,11 +197,12 @@ impl XdpProgram {
         }
         // SAFETY: `prog` belongs to the loaded object.
         let prog_fd = unsafe { bpf::bpf_program__fd(prog) };
-        let cfg: [u16; 2] = [port.to_be(), 0];
+        let cfg = filter.cfg();
         let key = 0u32;
-        // SAFETY: key and value point at live values of the map's key (4) and value (4) sizes.
+        // SAFETY: key and value point at live values of the map's key (4) and value (24, `Cfg`
+        // is `repr(C)` like the program's struct) sizes.
         let r = unsafe {
-            bpf::bpf_map_update_elem(cfg_fd, (&key as *const u32).cast(), cfg.as_ptr().cast::<c_void>(), 0)
+            bpf::bpf_map_update_elem(cfg_fd, (&key as *const u32).cast(), (&cfg as *const Cfg).cast::<c_void>(), 0)
         };
         if r < 0 {
             return Err(AttachError::Load(errno(r)));
@@ -252,7 +287,13 @@ fn remove_stale(ifindex: u32) -> Result<Option<u32>, AttachError> {
         Ok(None) => return Ok(None),
         Err(e) => return Err(AttachError::Load(e)),
     };
-    let name = prog_name(cur.prog_id).unwrap_or_default();
+    // Reading another program's name needs CAP_SYS_ADMIN: without it, say that, rather than
+    // call the program foreign.
+    let name = match prog_name(cur.prog_id) {
+        Ok(n) => n,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => return Err(AttachError::Load(e)),
+        Err(_) => String::new(),
+    };
     if name != PROG_NAME.to_str().unwrap_or_default() {
         return Err(AttachError::InUse { prog_id: cur.prog_id, name, live_wraith: false });
     }
@@ -260,6 +301,10 @@ fn remove_stale(ifindex: u32) -> Result<Option<u32>, AttachError> {
     // SAFETY: plain netlink request; null opts = detach whatever is attached in this mode.
     let r = unsafe { bpf::bpf_xdp_detach(ifindex as i32, cur.mode_flags, std::ptr::null()) };
     if r < 0 {
+        let e = errno(r);
+        if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+            return Err(AttachError::Load(e));
+        }
         return Err(AttachError::InUse { prog_id: cur.prog_id, name, live_wraith: true });
     }
     Ok(Some(cur.prog_id))

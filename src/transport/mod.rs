@@ -31,9 +31,11 @@ pub trait DatagramIo: Send + Sync {
     fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()>;
     /// Wait up to `timeout` until datagrams may be read.
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
-    /// Hand every datagram queued now to `f`, without blocking. `bufs` are the UDP path's
-    /// receive buffers, one set per receiving thread; AF_XDP receives into its UMEM and ignores them.
-    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize>;
+    /// Hand every datagram queued now to `f`, without blocking. `f` says whether the datagram
+    /// was authentic and new (accepted by a session): only then may the path learn from it
+    /// (AF_XDP: the sender's Ethernet address). `bufs` are the UDP path's receive buffers, one
+    /// set per receiving thread; AF_XDP receives into its UMEM and ignores them.
+    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize>;
     /// Counters of the path for a person, `name value` lines (empty when it has none).
     fn describe_stats(&self) -> String {
         String::new()
@@ -275,26 +277,31 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
         if readable {
             let r = io.recv_now(&mut bufs, &mut |from, d| {
                 if from.ip().to_canonical() != peer.ip().to_canonical() || from.port() != peer.port() {
-                    return;
+                    return false;
                 }
                 // Authenticate (decrypt) responses before taking the lock; everything else goes
                 // the slow way. A response that fails is dropped here: its bytes are garbage now.
                 let mut s;
-                match key.as_ref().filter(|k| k.claims(d)) {
+                let accepted = match key.as_ref().filter(|k| k.claims(d)) {
                     Some(k) => {
                         let auth = k.authenticate(d);
                         s = shared.lock().unwrap();
                         match auth {
                             Some(a) => s.client.handle_authentic(Instant::now(), a),
-                            None => s.client.note_bad_response(),
+                            None => {
+                                s.client.note_bad_response();
+                                false
+                            }
                         }
                     }
                     None => {
                         s = shared.lock().unwrap();
                         s.client.handle_datagram(Instant::now(), d);
+                        false
                     }
-                }
+                };
                 drive(&*io, peer, &mut s);
+                accepted
             });
             if let Err(e) = r {
                 // ECONNREFUSED from an ICMP port-unreachable: the server is down; timers handle it.

@@ -63,7 +63,7 @@ impl UdpIo {
         Ok(())
     }
 
-    fn recv_now_impl(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
+    fn recv_now_impl(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         let mut total = 0;
         // Drain what is queued now, in a bounded number of batches.
         for _ in 0..8 {
@@ -112,7 +112,7 @@ impl DatagramIo for UdpIo {
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         net::poll_readable(self.sock.as_fd(), timeout)
     }
-    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
+    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         self.recv_now_impl(bufs, f)
     }
 }

@@ -63,6 +63,7 @@ pub fn receive(io: &dyn DatagramIo, idle: Duration, limit: Duration) -> io::Resu
         io.recv_now(&mut bufs, &mut |_, d| {
             n += 1;
             b += d.len() as u64;
+            true
         })?;
         if n > 0 {
             let now = Instant::now();

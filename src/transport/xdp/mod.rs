@@ -4,11 +4,13 @@
 //!
 //! What runs: one XDP program on the interface (`sys::xdp_prog`), one AF_XDP socket per bound
 //! receive queue, each with its own UMEM split into a receive pool and a send pool (`rings`).
-//! The UDP port is also bound by an ordinary socket that is never read: it reserves the port,
-//! so the kernel neither gives it to another program nor answers with ICMP port-unreachable
-//! for datagrams that reach the stack anyway (fragments, queues without a socket).
+//! The UDP port is also bound by an ordinary kernel socket, the *kernel path*: it reserves the
+//! port, receives what the filter leaves to the kernel (fragments, IPv6 with extension headers,
+//! frames on a queue without an AF_XDP socket), and sends to peers this interface cannot reach
+//! directly or whose Ethernet address is not known yet (the kernel routes and resolves them).
 //!
-//! IPv4 only for now: next hops come from the kernel's IPv4 tables (`neigh`).
+//! One path may serve both IP families (an unspecified IPv6 bind address: the interface's first
+//! IPv4 and first global IPv6 address), like a dual-stack UDP socket.
 
 pub mod blast;
 pub mod neigh;
@@ -17,9 +19,9 @@ pub mod rings;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,7 +29,7 @@ use super::packet::{self, Endpoints, Mac};
 use super::{DatagramIo, RecvBufs};
 use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::netdev::{self, NetDev};
-use crate::sys::xdp_prog::{AttachError, XdpProgram};
+use crate::sys::xdp_prog::{AttachError, Filter, XdpProgram, MAX_QUEUES};
 use crate::sys::xsk::{self, Frame, XskConfig, XskRx, XskTx, XskView};
 use rings::{PushError, Receiver, RxRing, Sender, TxRing};
 
@@ -47,6 +49,10 @@ const SEND_WAIT: Duration = Duration::from_secs(2);
 const OWNER_WAIT: Duration = Duration::from_secs(5);
 /// How long a neighbour-table answer is trusted.
 const NEIGH_TTL: Duration = Duration::from_secs(30);
+/// Peers remembered (Ethernet addresses, routes); beyond, the oldest knowledge is dropped.
+const MAX_PEERS: usize = 4096;
+/// Datagrams taken from the kernel path per receive call.
+const KERNEL_BATCH: usize = 64;
 
 /// What to open.
 #[derive(Clone, Debug, Default)]
@@ -81,8 +87,11 @@ pub struct XdpStats {
     pub rx_ignored: AtomicU64,
     pub tx_frames: AtomicU64,
     pub tx_kicks: AtomicU64,
-    /// Datagrams sent through the kernel's UDP socket (IPv6 peer not resolved yet).
+    /// Datagrams sent through the kernel path (peer not on this link, or its Ethernet address
+    /// not known yet).
     pub tx_kernel: AtomicU64,
+    /// Datagrams received through the kernel path (what the filter left to the kernel).
+    pub rx_kernel: AtomicU64,
 }
 
 struct Queue {
@@ -92,29 +101,63 @@ struct Queue {
     tx: Mutex<Sender<XskTx>>,
 }
 
+/// How to reach a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hop {
+    /// Straight out of this interface, to this Ethernet address.
+    Link(Mac),
+    /// Through the kernel's socket: the route leaves through another interface, or the
+    /// Ethernet address is not known yet (the kernel resolves it; the answer teaches us).
+    Kernel,
+}
+
+/// What the kernel's tables say about a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// The route leaves through another interface (or there is none).
+    Elsewhere,
+    /// Through this interface; the next hop's Ethernet address if the neighbour table has it.
+    OnLink(Option<Mac>),
+}
+
 #[derive(Default)]
 struct Neighbours {
-    /// From the kernel's neighbour table, with when it was read.
-    table: HashMap<IpAddr, (Mac, Instant)>,
-    /// Source addresses of frames that arrived, used when the table has no entry (and for
-    /// IPv6, whose neighbour table has no `/proc` file).
+    /// What the kernel's tables said, with when they were read.
+    table: HashMap<IpAddr, (Route, Instant)>,
+    /// Source addresses of authentic datagrams that arrived over AF_XDP, used when the table has
+    /// no entry (and for IPv6, whose neighbour table has no `/proc` file).
     learned: HashMap<IpAddr, Mac>,
+}
+
+/// Insert into a bounded map: when full, forget everything (rebuilt from the kernel's tables
+/// and the next frames) rather than grow without end under spoofed sources.
+fn bounded_insert<V>(m: &mut HashMap<IpAddr, V>, k: IpAddr, v: V) {
+    if m.len() >= MAX_PEERS && !m.contains_key(&k) {
+        m.clear();
+    }
+    m.insert(k, v);
 }
 
 /// An AF_XDP datagram path on one interface and UDP port.
 pub struct XdpIo {
     queues: Vec<Queue>,
-    /// Duplicates of the sockets' fds, for poll(2) without taking the receive locks.
+    /// Duplicates of the sockets' fds (and the kernel path's), for poll(2) without taking the
+    /// receive locks.
     poll_fds: Vec<OwnedFd>,
     dev: NetDev,
-    local: SocketAddr,
+    /// The addresses served, at least one of them.
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+    port: u16,
     zero_copy: bool,
     next_tx: AtomicUsize,
     neigh: Mutex<Neighbours>,
     stats: XdpStats,
-    /// Holds the UDP port in the kernel; also sends to an IPv6 peer whose Ethernet address is
-    /// not known yet (the kernel resolves it; its answer over AF_XDP teaches it to us).
+    /// The kernel path (see the module documentation); non-blocking.
     reserve: UdpSocket,
+    /// A wait saw the kernel path readable: the next receive reads it (it is rarely used, so
+    /// it is not read on every call).
+    kernel_ready: AtomicBool,
     prog: XdpProgram,
 }
 
@@ -171,37 +214,22 @@ impl XdpIo {
                 FRAME_ROOM - packet::ETH_LEN
             )));
         }
-        let ip: IpAddr = match bind.ip() {
-            IpAddr::V4(a) if a.is_unspecified() => {
-                (*dev.ipv4.first().ok_or_else(|| err(format!("interface {iface} has no IPv4 address")))?).into()
-            }
-            IpAddr::V4(a) => {
-                if !dev.ipv4.contains(&a) {
-                    return Err(err(format!("address {a} is not on interface {iface}")));
-                }
-                a.into()
-            }
-            IpAddr::V6(a) => {
-                let have = neigh::ipv6_addrs(iface).map_err(|e| err(format!("cannot read the IPv6 addresses of {iface}: {e}")))?;
-                if a.is_unspecified() {
-                    (*have.first().ok_or_else(|| err(format!("interface {iface} has no global IPv6 address")))?).into()
-                } else if have.contains(&a) {
-                    a.into()
-                } else {
-                    return Err(err(format!("address {a} is not a global address of interface {iface}")));
-                }
-            }
+        let (v4, v6) = local_addresses(iface, &dev, bind.ip())?;
+        // The kernel path holds the port for every address served (a dual-stack socket when both
+        // families are), and is bound to the one address when only one is served: what it sends
+        // leaves from the address the AF_XDP socket answers on.
+        let reserve_at: SocketAddr = match (v4, v6) {
+            (Some(a), None) => (a, bind.port()).into(),
+            (None, Some(a)) => (a, bind.port()).into(),
+            _ => (Ipv6Addr::UNSPECIFIED, bind.port()).into(),
         };
-        // Bound to the chosen address: what it sends (an IPv6 peer not resolved yet) leaves from
-        // the address the AF_XDP socket answers on.
-        let reserve_at = SocketAddr::new(ip, bind.port());
-        let reserve = UdpSocket::bind(reserve_at).map_err(|e| err(format!("cannot reserve UDP {reserve_at}: {e}")))?;
+        let reserve = reserve_socket(reserve_at).map_err(|e| err(format!("cannot bind UDP {reserve_at}: {e}")))?;
         let port = reserve.local_addr().map_err(|e| err(e.to_string()))?.port();
         // A wraith process that is exiting (say, the mount just unmounted) still holds the
         // program for a moment: wait for it, bounded, before calling the interface taken.
         let deadline = Instant::now() + OWNER_WAIT;
         let attached = loop {
-            match XdpProgram::attach(dev.index, port, opts.mode) {
+            match XdpProgram::attach(dev.index, Filter { port, v4, v6 }, opts.mode) {
                 Err(AttachError::InUse { live_wraith: true, .. }) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -228,6 +256,9 @@ impl XdpIo {
             tracing::warn!(iface, prog_id = id, "replaced a stale wraith XDP program left by an earlier run");
         }
         let ids: Vec<u32> = opts.queues.clone().unwrap_or_else(|| (0..dev.rx_queues).collect());
+        if let Some(q) = ids.iter().find(|&&q| q >= MAX_QUEUES) {
+            return Err(err(format!("queue {q} of {iface}: wraith binds queues 0 to {} (choose some with --xdp-queues)", MAX_QUEUES - 1)));
+        }
         let mut queues = Vec::new();
         let mut poll_fds = Vec::new();
         let mut zero_copy = true;
@@ -236,6 +267,11 @@ impl XdpIo {
             let s = xsk::open(iface, cfg).map_err(|e| {
                 if privilege(&e) {
                     err("no privilege to open AF_XDP sockets (run as root, or with CAP_NET_RAW)".into())
+                } else if e.raw_os_error() == Some(libc::ENOBUFS) || e.raw_os_error() == Some(libc::ENOMEM) {
+                    err(format!(
+                        "cannot lock the {} MiB of AF_XDP frame memory for {iface} queue {q}: the memory lock limit is too low (run with CAP_IPC_LOCK, or raise RLIMIT_MEMLOCK / LimitMEMLOCK=)",
+                        ((RX_FRAMES + TX_FRAMES) as u64 * xsk::FRAME_SIZE as u64) >> 20
+                    ))
                 } else {
                     err(format!("cannot bind an AF_XDP socket to {iface} queue {q}: {e}"))
                 }
@@ -252,45 +288,69 @@ impl XdpIo {
         if queues.is_empty() {
             return Err(err("no queue to bind".into()));
         }
+        poll_fds.push(reserve.try_clone().map_err(|e| err(format!("dup: {e}")))?.into());
         Ok(XdpIo {
             queues,
             poll_fds,
             dev,
-            local: SocketAddr::new(ip, port),
+            v4,
+            v6,
+            port,
             zero_copy,
             next_tx: AtomicUsize::new(0),
             neigh: Mutex::new(Neighbours::default()),
             stats: XdpStats::default(),
             reserve,
+            kernel_ready: AtomicBool::new(false),
             prog,
         })
     }
 
     /// One line saying what runs, for the log and the user.
     pub fn describe(&self) -> String {
+        let addrs: Vec<String> = self.v4.map(IpAddr::from).into_iter().chain(self.v6.map(IpAddr::from)).map(|a| a.to_string()).collect();
         format!(
             "AF_XDP on {} ({} queue(s), {} mode, {}), address {}, MTU {}, XDP filter on udp port {}",
             self.dev.name,
             self.queues.len(),
             self.prog.mode().name(),
             if self.zero_copy { "zero-copy" } else { "copy" },
-            self.local.ip(),
+            addrs.join(" and "),
             self.dev.mtu,
-            self.local.port()
+            self.port
         )
     }
 
+    /// The address served (the IPv4 one when both families are).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        let ip: IpAddr = self.v4.map(IpAddr::from).or(self.v6.map(IpAddr::from)).expect("an address is served");
+        SocketAddr::new(ip, self.port)
+    }
+
+    fn is_local(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.v4 == Some(a),
+            IpAddr::V6(a) => self.v6 == Some(a),
+        }
+    }
+
+    /// The source address for datagrams to `dest`, None when its family is not served.
+    fn source_for(&self, dest: SocketAddr) -> Option<SocketAddr> {
+        let ip: IpAddr = match dest {
+            SocketAddr::V4(_) => self.v4?.into(),
+            SocketAddr::V6(_) => self.v6?.into(),
+        };
+        Some(SocketAddr::new(ip, self.port))
     }
 
     pub fn stats(&self) -> &XdpStats {
         &self.stats
     }
 
-    /// Largest wraith datagram this path carries without fragmentation.
+    /// Largest wraith datagram this path carries without fragmentation (for the larger IP
+    /// header when both families are served).
     pub fn max_datagram(&self) -> usize {
-        let ip_udp = packet::header_len(self.local.is_ipv6()) - packet::ETH_LEN;
+        let ip_udp = packet::header_len(self.v6.is_some()) - packet::ETH_LEN;
         (self.dev.mtu as usize).min(FRAME_ROOM - packet::ETH_LEN).saturating_sub(ip_udp).clamp(MIN_DATAGRAM, MAX_DATAGRAM)
     }
 
@@ -322,14 +382,15 @@ impl XdpIo {
     /// Resolve `peer`'s next hop now (a client does this before its first datagram), so that a
     /// missing route or neighbour shows up as an error at start rather than as silence.
     pub fn resolve_peer(&self, peer: SocketAddr, wait: Duration) -> Result<(), XdpError> {
-        if peer.is_ipv6() != self.local.is_ipv6() {
-            return Err(XdpError(format!("{peer} and this AF_XDP socket's address {} are of different IP versions", self.local.ip())));
+        if self.source_for(peer).is_none() {
+            return Err(XdpError(format!("{peer} is of an IP version this AF_XDP socket ({}) does not serve", self.local_addr().ip())));
         }
         match peer.ip() {
             IpAddr::V4(p) => {
                 let (hop, _) = neigh::next_hop(p, Some(&self.dev.name)).map_err(|e| XdpError(e.to_string()))?;
                 let mac = neigh::resolve(hop, &self.dev.name, wait).map_err(|e| XdpError(e.to_string()))?;
-                self.neigh.lock().unwrap().table.insert(peer.ip(), (mac, Instant::now()));
+                let mut n = self.neigh.lock().unwrap();
+                bounded_insert(&mut n.table, peer.ip(), (Route::OnLink(Some(mac)), Instant::now()));
             }
             // No neighbour table to read: check the route; the first datagrams go through the
             // kernel, which resolves the next hop, and the answer teaches us its address.
@@ -340,34 +401,46 @@ impl XdpIo {
         Ok(())
     }
 
-    /// The Ethernet address to send to `ip` with; None: not known (IPv6), send through the kernel.
-    fn mac_for(&self, ip: IpAddr) -> io::Result<Option<Mac>> {
+    /// How to send to `ip`. The kernel's tables are read at most every [`NEIGH_TTL`] per peer;
+    /// the source address of authentic frames from `ip` comes first (it is what answered last).
+    fn hop_for(&self, ip: IpAddr) -> Hop {
         let mut n = self.neigh.lock().unwrap();
-        if let Some((m, t)) = n.table.get(&ip) {
-            if t.elapsed() < NEIGH_TTL {
-                return Ok(Some(*m));
+        let cached = n.table.get(&ip).copied();
+        let route = match cached {
+            Some((r, t)) if t.elapsed() < NEIGH_TTL => r,
+            _ => {
+                let dev = self.dev.name.as_str();
+                let mut r = match ip {
+                    IpAddr::V4(a) => match neigh::next_hop(a, Some(dev)) {
+                        Ok((hop, _)) => Route::OnLink(neigh::cached_mac(hop, dev).ok().flatten()),
+                        Err(neigh::NeighError::NoRoute { .. }) => Route::Elsewhere,
+                        Err(_) => Route::OnLink(None),
+                    },
+                    IpAddr::V6(a) => match neigh::next_hop6(a, Some(dev)) {
+                        Err(neigh::NeighError::NoRoute { .. }) => Route::Elsewhere,
+                        _ => Route::OnLink(None),
+                    },
+                };
+                // The kernel dropped its entry (our frames bypass it, so it is not refreshed):
+                // the last answer is still the best.
+                if let (Route::OnLink(None), Some((Route::OnLink(Some(m)), _))) = (r, cached) {
+                    r = Route::OnLink(Some(m));
+                }
+                bounded_insert(&mut n.table, ip, (r, Instant::now()));
+                r
             }
-        }
-        let IpAddr::V4(v4) = ip else {
-            return Ok(n.learned.get(&ip).copied());
         };
-        let hop = neigh::next_hop(v4, Some(&self.dev.name)).map(|(h, _)| h).unwrap_or(v4);
-        if let Ok(Some(m)) = neigh::cached_mac(hop, &self.dev.name) {
-            n.table.insert(ip, (m, Instant::now()));
-            return Ok(Some(m));
+        match route {
+            Route::Elsewhere => Hop::Kernel,
+            Route::OnLink(mac) => n.learned.get(&ip).copied().or(mac).map_or(Hop::Kernel, Hop::Link),
         }
-        if let Some((m, _)) = n.table.get(&ip) {
-            return Ok(Some(*m)); // the kernel dropped the entry; the last answer is still our best
-        }
-        n.learned.get(&ip).copied().map(Some).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::HostUnreachable, format!("no Ethernet address known for {ip}"))
-        })
     }
 
+    /// Remember where an authentic datagram from `ip` came from.
     fn learn(&self, ip: IpAddr, mac: Mac) {
         let mut n = self.neigh.lock().unwrap();
         if n.learned.get(&ip) != Some(&mac) {
-            n.learned.insert(ip, mac);
+            bounded_insert(&mut n.learned, ip, mac);
         }
     }
 
@@ -383,18 +456,15 @@ impl XdpIo {
     }
 
     fn send_impl(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
-        if dest.is_ipv6() != self.local.is_ipv6() {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{dest} is not of this AF_XDP socket's IP version")));
-        }
-        let seg = seg.max(1);
-        let Some(dst_mac) = self.mac_for(dest.ip())? else {
-            for d in buf.chunks(seg) {
-                self.reserve.send_to(d, dest)?;
-            }
-            self.stats.tx_kernel.fetch_add(buf.len().div_ceil(seg) as u64, Ordering::Relaxed);
-            return Ok(());
+        let Some(src) = self.source_for(dest) else {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{dest} is of an IP version this AF_XDP path does not serve")));
         };
-        let ep = Endpoints { src_mac: self.dev.mac, dst_mac, src: self.local, dst: dest };
+        let seg = seg.max(1);
+        let dst_mac = match self.hop_for(dest.ip()) {
+            Hop::Link(m) => m,
+            Hop::Kernel => return self.send_through_kernel(dest, buf, seg),
+        };
+        let ep = Endpoints { src_mac: self.dev.mac, dst_mac, src, dst: dest };
         let hl = packet::header_len(dest.is_ipv6());
         let mut tx = self.lock_tx();
         tx.reclaim();
@@ -434,15 +504,22 @@ impl XdpIo {
         }
         // In copy mode the kernel transmits only inside the wake-up call, a bounded number of
         // frames per call: keep calling until the ring is empty. Zero-copy drivers drain it.
+        // When a call moves nothing (the link is down, the driver's queue is full), wait a
+        // little before the next instead of spinning.
         loop {
             tx.submit()?;
             kicks += 1;
-            tx.reclaim();
+            let back = tx.reclaim();
             if tx.queued() == 0 && (self.zero_copy || tx.pending() == 0) {
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::WouldBlock, "AF_XDP send ring did not drain"));
+                // What did not go out is dropped here rather than sent with the next burst.
+                tx.discard_queued();
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "AF_XDP send ring did not drain (is the link up?)"));
+            }
+            if back == 0 {
+                std::thread::sleep(Duration::from_micros(50));
             }
         }
         self.stats.tx_frames.fetch_add(sent, Ordering::Relaxed);
@@ -450,10 +527,34 @@ impl XdpIo {
         Ok(())
     }
 
+    /// Send through the kernel path (it routes and resolves the next hop itself).
+    fn send_through_kernel(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
+        // A dual-stack socket takes IPv4 destinations as mapped IPv6 addresses.
+        let to = match (dest, self.reserve.local_addr()?) {
+            (SocketAddr::V4(d), SocketAddr::V6(_)) => SocketAddr::new(d.ip().to_ipv6_mapped().into(), d.port()),
+            _ => dest,
+        };
+        for d in buf.chunks(seg) {
+            match self.reserve.send_to(d, to) {
+                Ok(_) => {}
+                // The socket's buffer is full: let it drain once, then give up on this one
+                // (the protocol resends what is lost).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    let _ = self.reserve.send_to(d, to);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.stats.tx_kernel.fetch_add(buf.len().div_ceil(seg) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Frames are taken out of the rx ring under its lock and handed to `f` (which checks each
     /// datagram's MAC, the costly part) without it, so that every receiving thread works on its
-    /// own batch at once; then they go back to the fill ring.
-    fn recv_impl(&self, f: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
+    /// own batch at once; then they go back to the fill ring. The sender's Ethernet address is
+    /// learned from frames `f` found authentic. Then what the kernel path holds.
+    fn recv_impl(&self, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         let mut total = 0;
         let mut ignored = 0u64;
         let mut last_src: Option<(IpAddr, Mac)> = None;
@@ -462,14 +563,10 @@ impl XdpIo {
             for _ in 0..16 {
                 let got = q.rx.lock().unwrap().take(&mut frames, RX_BATCH);
                 for fr in frames.iter_mut() {
-                    let (src, at) = match packet::parse(q.view.data(fr)) {
-                        Ok(d) if d.dst.port() == self.local.port() && d.dst.ip() == self.local.ip() => {
-                            if last_src != Some((d.src.ip(), d.src_mac)) {
-                                self.learn(d.src.ip(), d.src_mac);
-                                last_src = Some((d.src.ip(), d.src_mac));
-                            }
+                    let (src, src_mac, at) = match packet::parse(q.view.data(fr)) {
+                        Ok(d) if d.dst.port() == self.port && self.is_local(d.dst.ip()) => {
                             let start = d.payload.as_ptr() as usize - q.view.data(fr).as_ptr() as usize;
-                            (d.src, start..start + d.payload.len())
+                            (d.src, d.src_mac, start..start + d.payload.len())
                         }
                         _ => {
                             ignored += 1;
@@ -477,7 +574,10 @@ impl XdpIo {
                         }
                     };
                     // Decrypted where it lies, in the frame this thread holds.
-                    f(src, &mut q.view.data_mut(fr)[at]);
+                    if f(src, &mut q.view.data_mut(fr)[at]) && last_src != Some((src.ip(), src_mac)) {
+                        self.learn(src.ip(), src_mac);
+                        last_src = Some((src.ip(), src_mac));
+                    }
                 }
                 if got > 0 {
                     q.rx.lock().unwrap().give_back(&mut frames);
@@ -489,17 +589,88 @@ impl XdpIo {
             }
         }
         TAKEN.with(|t| *t.borrow_mut() = frames);
+        let kernel = if self.kernel_ready.swap(false, Ordering::Relaxed) { self.recv_kernel(f)? } else { 0 };
         self.stats.rx_frames.fetch_add(total as u64, Ordering::Relaxed);
         if ignored > 0 {
             self.stats.rx_ignored.fetch_add(ignored, Ordering::Relaxed);
         }
-        Ok(total)
+        Ok(total + kernel)
+    }
+
+    /// Datagrams the filter left to the kernel (fragments, IPv6 extension headers, queues
+    /// without an AF_XDP socket), read from the kernel path.
+    fn recv_kernel(&self, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
+        KERNEL_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.is_empty() {
+                b.resize(MAX_DATAGRAM.max(65536), 0);
+            }
+            let mut n = 0;
+            while n < KERNEL_BATCH {
+                match self.reserve.recv_from(&mut b[..]) {
+                    Ok((len, from)) => {
+                        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                        f(from, &mut b[..len]);
+                        n += 1;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // An ICMP error queued on the socket (port unreachable from an earlier send).
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if n > 0 {
+                self.stats.rx_kernel.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok(n)
+        })
     }
 }
 
 thread_local! {
     /// Each receiving thread's batch of frames taken out of an rx ring (kept to reuse its memory).
     static TAKEN: std::cell::RefCell<Vec<Frame>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each receiving thread's buffer for the kernel path.
+    static KERNEL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The addresses an AF_XDP path on `iface` serves for `bind`: that address; for `0.0.0.0` the
+/// interface's first IPv4 address; for `::` its first IPv4 and first global IPv6 address
+/// (whichever it has), as a dual-stack socket would.
+fn local_addresses(iface: &str, dev: &NetDev, bind: IpAddr) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), XdpError> {
+    let err = |m: String| XdpError(m);
+    let v6_addrs = || neigh::ipv6_addrs(iface).map_err(|e| err(format!("cannot read the IPv6 addresses of {iface}: {e}")));
+    match bind {
+        IpAddr::V4(a) if a.is_unspecified() => {
+            let a = *dev.ipv4.first().ok_or_else(|| err(format!("interface {iface} has no IPv4 address")))?;
+            Ok((Some(a), None))
+        }
+        IpAddr::V4(a) if dev.ipv4.contains(&a) => Ok((Some(a), None)),
+        IpAddr::V4(a) => Err(err(format!("address {a} is not on interface {iface}"))),
+        IpAddr::V6(a) if a.is_unspecified() => {
+            let (v4, v6) = (dev.ipv4.first().copied(), v6_addrs()?.first().copied());
+            if v4.is_none() && v6.is_none() {
+                return Err(err(format!("interface {iface} has neither an IPv4 nor a global IPv6 address")));
+            }
+            Ok((v4, v6))
+        }
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(m) if dev.ipv4.contains(&m) => Ok((Some(m), None)),
+            _ if v6_addrs()?.contains(&a) => Ok((None, Some(a))),
+            _ => Err(err(format!("address {a} is not a global address of interface {iface}"))),
+        },
+    }
+}
+
+/// The kernel path's socket: non-blocking; dual-stack when bound to `::`.
+fn reserve_socket(at: SocketAddr) -> io::Result<UdpSocket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(at), socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    if at.is_ipv6() {
+        s.set_only_v6(!at.ip().is_unspecified())?;
+    }
+    s.bind(&at.into())?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
 }
 
 impl DatagramIo for XdpIo {
@@ -510,19 +681,25 @@ impl DatagramIo for XdpIo {
         // poll(2) on an AF_XDP socket is also the fill ring's wake-up. The fds are duplicates,
         // so waiting takes no lock and another thread can receive meanwhile.
         let fds: Vec<_> = self.poll_fds.iter().map(|f| f.as_fd()).collect();
-        netdev::poll_any_readable(&fds, timeout)
+        // The kernel path's fd is the last one.
+        let (any, kernel) = netdev::poll_readable_last(&fds, timeout)?;
+        if kernel {
+            self.kernel_ready.store(true, Ordering::Relaxed);
+        }
+        Ok(any)
     }
     /// `_bufs` is unused: frames are received in the UMEM and handed to `f` from there.
-    fn recv_now(&self, _bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8])) -> io::Result<usize> {
+    fn recv_now(&self, _bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         self.recv_impl(f)
     }
     fn describe_stats(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let s = &self.stats;
         format!(
-            "xdp_rx_frames {}\nxdp_rx_ignored {}\nxdp_tx_frames {}\nxdp_tx_kicks {}\nxdp_tx_through_kernel {}\n",
+            "xdp_rx_frames {}\nxdp_rx_ignored {}\nxdp_rx_through_kernel {}\nxdp_tx_frames {}\nxdp_tx_kicks {}\nxdp_tx_through_kernel {}\n",
             g(&s.rx_frames),
             g(&s.rx_ignored),
+            g(&s.rx_kernel),
             g(&s.tx_frames),
             g(&s.tx_kicks),
             g(&s.tx_kernel)

@@ -47,7 +47,9 @@ pub fn parse_routes(text: &str) -> Vec<Route> {
         else {
             continue;
         };
-        if flags & RTF_UP == 0 {
+        // Routes that are down, and reject (unreachable, prohibit, blackhole) routes, carry
+        // nothing; the kernel prints those with the interface "*".
+        if flags & RTF_UP == 0 || flags & RTF_REJECT != 0 || f[0] == "*" {
             continue;
         }
         let gateway = (flags & RTF_GATEWAY != 0 && !gw.is_unspecified()).then_some(gw);
@@ -260,7 +262,8 @@ mod tests {
         eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
         wr0\t00014D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
         eth0\t0001A8C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n\
-        down\t00024D0A\t00000000\t0000\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        down\t00024D0A\t00000000\t0000\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+        *\t00034D0A\t00000000\t0201\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
 
     #[test]
     fn routes_parse_and_longest_prefix_wins() {
@@ -268,7 +271,7 @@ mod tests {
             return; // the fixture is a little-endian host's file
         }
         let r = parse_routes(ROUTE);
-        assert_eq!(r.len(), 3, "the route that is not up is skipped");
+        assert_eq!(r.len(), 3, "the route that is not up and the unreachable one are skipped");
         assert_eq!(r[1].dest, Ipv4Addr::new(10, 77, 1, 0));
         assert_eq!(r[1].mask, Ipv4Addr::new(255, 255, 255, 0));
         let hop = lookup_route(&r, Ipv4Addr::new(10, 77, 1, 2)).unwrap();
@@ -276,6 +279,7 @@ mod tests {
         let def = lookup_route(&r, Ipv4Addr::new(8, 8, 8, 8)).unwrap();
         assert_eq!((def.iface.as_str(), def.gateway), ("eth0", Some(Ipv4Addr::new(192, 168, 1, 1))));
         assert!(lookup_route(&r[1..2], Ipv4Addr::new(10, 77, 2, 1)).is_none());
+        assert_eq!(lookup_route(&r, Ipv4Addr::new(10, 77, 3, 9)).unwrap().iface, "eth0", "the reject route is not taken");
     }
 
     #[test]

@@ -39,7 +39,6 @@ pub trait TxRing {
 pub struct Receiver<R: RxRing> {
     ring: R,
     spare: Vec<R::Frame>,
-    held: Vec<R::Frame>,
     /// Frames taken out by [`Receiver::take`] and not yet given back.
     lent: usize,
     total: usize,
@@ -48,21 +47,9 @@ pub struct Receiver<R: RxRing> {
 impl<R: RxRing> Receiver<R> {
     pub fn new(ring: R, frames: Vec<R::Frame>) -> Self {
         let total = frames.len();
-        let mut r = Receiver { ring, spare: frames, held: Vec::with_capacity(total), lent: 0, total };
+        let mut r = Receiver { ring, spare: frames, lent: 0, total };
         r.ring.fill(&mut r.spare);
         r
-    }
-
-    /// Take up to `max` received frames, hand each packet to `f`, and give the frames straight
-    /// back to the fill ring. Returns the number of packets.
-    pub fn poll(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> usize {
-        let n = self.ring.recv(&mut self.held, max);
-        for fr in &self.held {
-            f(self.ring.data(fr));
-        }
-        self.spare.append(&mut self.held);
-        self.ring.fill(&mut self.spare);
-        n
     }
 
     /// Take up to `max` received frames out (appended to `out`), so that their packets can be
@@ -84,7 +71,7 @@ impl<R: RxRing> Receiver<R> {
 
     /// Frames on the fill or rx ring (the kernel's).
     pub fn in_kernel(&self) -> usize {
-        self.total - self.spare.len() - self.held.len() - self.lent
+        self.total - self.spare.len() - self.lent
     }
 
     pub fn ring(&self) -> &R {
