@@ -33,7 +33,7 @@ use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::arena::{Arena, ArenaState, Lease, Lender};
+use super::arena::{Arena, ArenaState, Lease, Lender, Region};
 pub use super::arena::AlignedBuf;
 use crate::chunk::pool::{Buf, Slot, SlotSource};
 
@@ -160,7 +160,7 @@ const MAX_REG_BUFFERS: usize = 16384;
 
 impl IoThread {
     pub fn start(cfg: IoConfig) -> io::Result<IoThread> {
-        assert!(cfg.align.is_power_of_two() && cfg.buf_size % cfg.align == 0 && cfg.n_bufs > 0);
+        assert!(cfg.align.is_power_of_two() && cfg.align <= 2 << 20 && cfg.buf_size % cfg.align == 0 && cfg.n_bufs > 0);
         let (tx, rx) = channel();
         let stats = Arc::new(IoStats::default());
         let ring = if cfg.force_sync {
@@ -349,13 +349,10 @@ impl Ring {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, format!("kernel lacks IORING_OP_{name}")));
             }
         }
-        let mut bufs: Vec<AlignedBuf> = (0..cfg.n_bufs).map(|_| AlignedBuf::new(cfg.buf_size, cfg.align)).collect();
-        let iovecs: Vec<libc::iovec> =
-            bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
-        // A table with room for `max` slots, filled as lending needs them; a kernel without sparse
-        // tables gets the reserve only.
+        let region = Region::new(Region::bytes(cfg.buf_size, cfg.n_bufs))?;
+        let mut iovecs = region.slots(cfg.buf_size, cfg.n_bufs);
         let max = match ring.submitter().register_buffers_sparse(max as u32) {
-            // SAFETY: every iovec describes a live AlignedBuf that moves into the arena, which
+            // SAFETY: every iovec describes a slot of `region`, which moves into the arena, which
             // outlives the ring (see `run`), so the registered memory outlives the registration.
             Ok(()) => match unsafe { register_each(&ring, 0, &iovecs) } {
                 (n, _) if n == iovecs.len() => max,
@@ -367,7 +364,7 @@ impl Ring {
                         "io_uring registered {n} of {} buffers ({e}; RLIMIT_MEMLOCK?): chunks are copied through them, not kept in registered memory",
                         iovecs.len()
                     );
-                    bufs.truncate(n);
+                    iovecs.truncate(n);
                     n
                 }
                 (n, e) => {
@@ -388,8 +385,8 @@ impl Ring {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
-        let reserve = bufs.len();
-        let arena = Arc::new(Arena::new(cfg.buf_size, cfg.align, reserve, ArenaState::new(bufs, max), wake));
+        let reserve = iovecs.len();
+        let arena = Arc::new(Arena::new(cfg.buf_size, reserve, ArenaState::new(region, &iovecs, max), wake));
         let preparer = if max > reserve { Some(arena.spawn_preparer()?) } else { None };
         let big = AlignedBuf::new(cfg.buf_size, cfg.align);
         Ok(Ring { ring, arena, wake_buf: Box::new(0), warned_grow: false, big, preparer })
@@ -410,27 +407,42 @@ impl Ring {
     /// there already, so registering only pins them; only this thread ever adds slots.
     fn grow(&mut self, stats: &IoStats) {
         let a = self.arena.clone();
-        let (have, mut new) = {
+        let (have, mut room, new) = {
             let mut st = a.state.lock().unwrap();
             if st.ready.is_empty() {
                 return;
             }
-            let room = st.max.saturating_sub(st.bufs.len());
-            let mut new = std::mem::take(&mut st.ready);
-            new.truncate(room);
-            (st.bufs.len(), new)
+            (st.slots.len(), st.max.saturating_sub(st.slots.len()), std::mem::take(&mut st.ready))
         };
-        let iovecs: Vec<libc::iovec> =
-            new.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() }).collect();
-        // SAFETY: the iovecs describe the new AlignedBufs, which move into the arena below (heap
-        // memory does not move) and live until after the ring is gone; unregistered ones are
-        // dropped only after their registration failed.
-        let (done, err) = unsafe { register_each(&self.ring, have, &iovecs) };
-        new.truncate(done);
+        let mut regs: Vec<(Region, Vec<libc::iovec>)> = Vec::new();
+        let mut err = None;
+        let mut at = have;
+        for (region, n) in new {
+            let mut iovecs = region.slots(self.arena.slot, n.min(room));
+            if err.is_none() && !iovecs.is_empty() {
+                // SAFETY: the iovecs describe slots of `region`, which moves into the arena below
+                // (mapped memory does not move) and lives until after the ring is gone, also
+                // when only part of it was registered.
+                let (done, e) = unsafe { register_each(&self.ring, at, &iovecs) };
+                iovecs.truncate(done);
+                err = e;
+            } else {
+                iovecs.clear();
+            }
+            if iovecs.is_empty() {
+                continue; // nothing of it registered: unmapped here
+            }
+            at += iovecs.len();
+            room -= iovecs.len();
+            regs.push((region, iovecs));
+        }
+        let done = at - have;
         let mut st = a.state.lock().unwrap();
-        st.bufs.append(&mut new);
+        for (region, iovecs) in regs {
+            st.add(region, &iovecs);
+        }
         st.free.extend((have..have + done).map(|i| i as u16));
-        stats.slots.store(st.bufs.len() as u64, Ordering::Relaxed);
+        stats.slots.store(st.slots.len() as u64, Ordering::Relaxed);
         if let Some(e) = err {
             // Memory lock limit reached (RLIMIT_MEMLOCK without CAP_IPC_LOCK), most likely.
             st.max = have + done;
