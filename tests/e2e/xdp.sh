@@ -11,7 +11,9 @@
 # to the kernel) is answered; after each process
 # exits (umount, SIGTERM, kill -9) no XDP program is left on the interface; a stale wraith
 # program attached without an owner is replaced; generic (skb) mode works; transport=auto
-# falls back to UDP and transport=xdp fails, each with one line, when AF_XDP cannot start.
+# falls back to UDP and transport=xdp fails, each with one line, when AF_XDP cannot start (no
+# such interface, an interface that is down); a server without privilege exits with one line
+# that says so; on a driver without native XDP (lo) the server picks generic mode by itself.
 #
 # Environment: WRAITH_BIN (directory with wraith-serve and wraith-mount, default
 # target/release), WRAITH_XDP_MIB (size of the big file, default 64), WRAITH_E2E_KEEP=1.
@@ -327,3 +329,67 @@ check_fails "xdp: a second server on the same interface is refused" \
 stop_pid "$SERVER_PID" 10
 no_xdp_left "end" "$NS_A" "$S_IF"
 no_xdp_left "end" "$NS_B" "$C_IF"
+
+# --- why AF_XDP cannot start: privilege, an interface that is down, a driver without XDP -------
+
+# No privilege: a server as nobody, without capabilities, exits non-zero with one line that says so.
+NOBODY=$WORK/nobody
+mkdir -p "$NOBODY/state" && cp "$KEY" "$NOBODY/key" && chown -R 65534:65534 "$NOBODY" && chmod 711 "$WORK"
+in_ns "$NS_A" timeout 20 setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all \
+    "$WRAITH_BIN/wraith-serve" --listen "$S_ADDR:$PORT" --key "$NOBODY/key" --state-dir "$NOBODY/state" \
+    --export "tree=$SRC" --xdp "$S_IF" >"$WORK/logs/serve-nobody.log" 2>&1 </dev/null
+rc=$?
+reason=$(grep 'AF_XDP unavailable' "$WORK/logs/serve-nobody.log")
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$(printf '%s\n' "$reason" | grep -c .)" -eq 1 ] && grep -q 'privilege' <<<"$reason"; then
+    ok "no privilege: the server exits non-zero with one line naming the reason ($reason)"
+else
+    not_ok "no privilege: the server exits non-zero with one line naming the reason" "exit $rc: $(last_line "$WORK/logs/serve-nobody.log")"
+fi
+no_xdp_left "no privilege" "$NS_A" "$S_IF"
+
+# An interface that is down (a second veth pair in the client's namespace, its peer down).
+DOWN_IF=wxd0
+if ip -n "$NS_B" link add "$DOWN_IF" type veth peer name wxd1 && ip -n "$NS_B" link set "$DOWN_IF" up; then
+    start_server_mode "down" udp || true
+    mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/down" "keyfile=$KEY,transport=xdp,iface=$DOWN_IF"
+    rc=$?
+    if [ "$rc" -ne 0 ] && [ "$(wc -l <"$WORK/logs/mount.err")" -eq 1 ] && grep -q "$DOWN_IF is down" "$WORK/logs/mount.err"; then
+        ok "interface down: transport=xdp exits non-zero with one line ($(cat "$WORK/logs/mount.err"))"
+    else
+        not_ok "interface down: transport=xdp exits non-zero with one line" "exit $rc: $(cat "$WORK/logs/mount.err")"
+    fi
+    if mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/down" "keyfile=$KEY,transport=auto,iface=$DOWN_IF"; then
+        check_eq "interface down: transport=auto says why in one line and falls back to UDP" 1 \
+            "$(grep -c "AF_XDP unavailable (interface $DOWN_IF is down); using UDP" "$WORK/logs/mount.err")"
+        check "interface down: read over the UDP fallback" timeout 60 cmp "$SRC/small/f1" "$WORK/cli/down/small/f1"
+        umount_ok "interface down" "$WORK/cli/down"
+    else
+        not_ok "interface down: transport=auto falls back to UDP" "$(last_line "$WORK/logs/mount.err")"
+    fi
+    stop_pid "$SERVER_PID" 10
+    no_xdp_left "interface down" "$NS_B" "$DOWN_IF"
+    ip -n "$NS_B" link del "$DOWN_IF" 2>/dev/null
+else
+    not_ok "interface down: make a veth pair that is down" "ip link add failed"
+fi
+
+# A driver without native XDP: loopback. The server picks generic (skb) mode by itself, and a
+# client's requests reach it through the AF_XDP socket (rx counted in its AF_XDP totals). The
+# frames must fit a 4 KiB UMEM frame: lo's MTU is lowered in this namespace for the test.
+ip -n "$NS_A" link set lo mtu 3000
+serve "lo" "$NS_A" 127.0.0.1 "$PORT" --key "$KEY" --state-dir "$WORK/state/s" \
+    --export "tree=$SRC" --xdp lo || true
+for ((i = 0; i < 100; i++)); do
+    grep -q "AF_XDP on lo" "$WORK/logs/serve-lo.log" && break
+    sleep 0.1
+done
+check "no native XDP (lo): the server falls back to generic mode by itself" grep -q "AF_XDP on lo (1 queue(s), generic mode" "$WORK/logs/serve-lo.log"
+if mount_ok "lo" "$NS_A" "127.0.0.1:$PORT:/tree" "$WORK/cli/lo" "keyfile=$KEY,transport=udp"; then
+    check "lo: read byte-identical through the generic-mode server" timeout 60 cmp "$SRC/small/f4" "$WORK/cli/lo/small/f4"
+    umount_ok "lo" "$WORK/cli/lo"
+fi
+stop_pid "$SERVER_PID" 10
+rx=$(grep -o 'AF_XDP totals rx=[0-9]*' "$WORK/logs/serve-lo.log" | tail -1 | cut -d= -f2)
+check "lo: the requests came through the AF_XDP socket (rx=${rx:-none})" test "${rx:-0}" -gt 0
+no_xdp_left "lo" "$NS_A" lo
+ip -n "$NS_A" link set lo mtu 65536
