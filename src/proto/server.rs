@@ -152,15 +152,18 @@ impl Server {
         }
     }
 
-    /// Take one datagram (decrypted in place when it is a session's).
-    pub fn handle(&mut self, now: Instant, d: &mut [u8]) -> Option<Input> {
+    /// Take one datagram (decrypted in place when it is a session's). `path_max` says how large a
+    /// datagram this server can send back to the datagram's sender (its own side of the path:
+    /// interface MTU, route, AF_XDP frame); asked only for an authentic HELLO, whose session
+    /// then uses the smaller of that and what the client says its side carries.
+    pub fn handle(&mut self, now: Instant, d: &mut [u8], path_max: impl FnOnce() -> usize) -> Option<Input> {
         let Some(h) = Header::decode(d) else {
             // A HELLO of another protocol version: say which version we speak (rate-limited).
             let r = wire::version_reject(d)?;
             return self.unauth_allowed(now).then_some(Input::Reply(r));
         };
         match h.kind {
-            Kind::Hello => self.on_hello(now, d),
+            Kind::Hello => self.on_hello(now, d, path_max),
             Kind::Request => {
                 let Some(s) = self.sessions.get(&h.session).cloned() else {
                     // Unknown session (we restarted, or forgot it): tell the client, with fewer
@@ -187,7 +190,7 @@ impl Server {
         }
     }
 
-    fn on_hello(&mut self, now: Instant, d: &[u8]) -> Option<Input> {
+    fn on_hello(&mut self, now: Instant, d: &[u8], path_max: impl FnOnce() -> usize) -> Option<Input> {
         if d.len() < MIN_DATAGRAM {
             return None;
         }
@@ -205,7 +208,10 @@ impl Server {
         };
         let b = &body[HEADER_LEN..];
         let client_nonce: [u8; 32] = b[..32].try_into().ok()?;
-        let max_dgram = (u16::from_le_bytes([b[32], b[33]]) as usize).clamp(MIN_DATAGRAM, MAX_DATAGRAM);
+        // A client on a path with a larger MTU than ours (jumbo frames on its side) must not make
+        // us send datagrams our side cannot carry: they would be refused (EMSGSIZE, an AF_XDP
+        // frame too small) or dropped, and every read would time out.
+        let max_dgram = (u16::from_le_bytes([b[32], b[33]]) as usize).min(path_max()).clamp(MIN_DATAGRAM, MAX_DATAGRAM);
         let mut server_nonce = [0u8; 32];
         self.rng.fill_bytes(&mut server_nonce);
         let id = loop {

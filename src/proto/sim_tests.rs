@@ -7,6 +7,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::client::{Client, Config, Event};
 use super::server::{Input, Server};
+use super::wire::MAX_DATAGRAM;
 use crate::error::Error;
 
 #[derive(Clone, Copy)]
@@ -75,6 +76,10 @@ struct Sim {
     events: Vec<Event>,
     server_in_bytes: u64,
     server_out_bytes_unauth: u64,
+    /// What the server's side of the path carries (its `path_max`).
+    server_path_max: usize,
+    /// Largest datagram the server sent.
+    server_out_max: usize,
 }
 
 impl Sim {
@@ -91,6 +96,8 @@ impl Sim {
             events: Vec::new(),
             server_in_bytes: 0,
             server_out_bytes_unauth: 0,
+            server_path_max: MAX_DATAGRAM,
+            server_out_max: 0,
         }
     }
 
@@ -121,7 +128,8 @@ impl Sim {
             while let Some(mut d) = self.up.pop_due(self.now) {
                 self.server_in_bytes += d.len() as u64;
                 let Some(server) = self.server.as_mut() else { continue };
-                match server.handle(self.now, &mut d) {
+                let path_max = self.server_path_max;
+                match server.handle(self.now, &mut d, || path_max) {
                     Some(Input::Reply(r)) => {
                         if r.len() > d.len() {
                             panic!("amplification: {} > {}", r.len(), d.len());
@@ -136,6 +144,7 @@ impl Sim {
                         let t = u32::from_le_bytes(body[4..8].try_into().unwrap());
                         let b = session.encode_response(id, &content(n, t), &missing);
                         for d in b.buf.chunks(b.seg) {
+                            self.server_out_max = self.server_out_max.max(d.len());
                             self.down.send(self.now, d.to_vec(), &mut self.rng);
                         }
                     }
@@ -266,15 +275,15 @@ fn another_protocol_version_is_named_not_timed_out() {
     // As from a client of version 1: answered, smaller, in our version, with its nonce.
     let mut old = hello.clone();
     old[2] = 1;
-    let Some(Input::Reply(r)) = server.handle(t0, &mut old) else { panic!("no answer to another version's HELLO") };
+    let Some(Input::Reply(r)) = server.handle(t0, &mut old, || MAX_DATAGRAM) else { panic!("no answer to another version's HELLO") };
     assert!(r.len() < old.len());
     assert_eq!((r[2], r[3]), (super::wire::VERSION, super::wire::Kind::Reject as u8));
     assert_eq!(r[20..52], hello[20..52]);
     // Not for other datagram types or short ones.
     let mut req_like = old.clone();
     req_like[3] = super::wire::Kind::Request as u8;
-    assert!(server.handle(t0, &mut req_like).is_none());
-    assert!(server.handle(t0, &mut old[..600].to_vec()).is_none());
+    assert!(server.handle(t0, &mut req_like, || MAX_DATAGRAM).is_none());
+    assert!(server.handle(t0, &mut old[..600].to_vec(), || MAX_DATAGRAM).is_none());
     // The client, told by a "version 3" server: its request fails with that version.
     let mut from_v3 = r.clone();
     from_v3[2] = 3;
@@ -299,7 +308,7 @@ fn responses_go_out_in_bounded_bursts() {
     let now = s.now;
     let id2 = s.client.start_request(now, req(200_000, 1), 200_000, now + Duration::from_secs(5));
     let mut d = s.client.poll_transmit().unwrap();
-    let Some(Input::Request { session, id: rid, missing, .. }) = s.server.as_mut().unwrap().handle(now, &mut d) else {
+    let Some(Input::Request { session, id: rid, missing, .. }) = s.server.as_mut().unwrap().handle(now, &mut d, || MAX_DATAGRAM) else {
         panic!("the request was not taken")
     };
     let resp = content(200_000, 1);
@@ -366,8 +375,8 @@ fn strangers_get_nothing_and_replays_are_dropped() {
     s.client.start_request(now, req(10, 2), 10, now + Duration::from_secs(5));
     let d = s.client.poll_transmit().unwrap();
     let server = s.server.as_mut().unwrap();
-    assert!(matches!(server.handle(now, &mut d.clone()), Some(Input::Request { .. })));
-    assert!(server.handle(now, &mut d.clone()).is_none());
+    assert!(matches!(server.handle(now, &mut d.clone(), || MAX_DATAGRAM), Some(Input::Request { .. })));
+    assert!(server.handle(now, &mut d.clone(), || MAX_DATAGRAM).is_none());
     assert_eq!(server.replays, 1);
     // Random garbage and truncated packets: no answer, no panic.
     let mut rng = StdRng::seed_from_u64(8);
@@ -379,7 +388,7 @@ fn strangers_get_nothing_and_replays_are_dropped() {
             g[2] = 1;
             g[3] = (len % 7) as u8;
         }
-        if let Some(Input::Reply(r)) = server.handle(now, &mut g) {
+        if let Some(Input::Reply(r)) = server.handle(now, &mut g, || MAX_DATAGRAM) {
             assert!(r.len() <= g.len());
         }
     }
@@ -393,7 +402,21 @@ fn strangers_get_nothing_and_replays_are_dropped() {
     for i in 0..d.len() {
         let mut c = d.clone();
         c[i] ^= 0x10;
-        assert!(!matches!(server.handle(now, &mut c), Some(Input::Request { .. })), "flip at {i} accepted");
+        assert!(!matches!(server.handle(now, &mut c, || MAX_DATAGRAM), Some(Input::Request { .. })), "flip at {i} accepted");
     }
-    assert!(matches!(server.handle(now, &mut d.clone()), Some(Input::Request { .. })), "the unflipped one is taken");
+    assert!(matches!(server.handle(now, &mut d.clone(), || MAX_DATAGRAM), Some(Input::Request { .. })), "the unflipped one is taken");
+}
+
+/// A client whose side carries larger datagrams than the server's (jumbo frames on its side):
+/// the session uses the server's limit, and reads complete.
+#[test]
+fn server_sends_no_larger_than_its_side_of_the_path() {
+    let mut s = Sim::new(7, clean(), PSK, PSK, 8972);
+    s.server_path_max = 1472;
+    let t0 = s.now;
+    let id = s.client.start_request(t0, req(200_000, 3), 200_000, t0 + Duration::from_secs(10));
+    s.run(t0 + Duration::from_secs(10), 1);
+    assert_eq!(s.done.get(&id).unwrap().as_ref().unwrap(), &content(200_000, 3));
+    assert!(s.server_out_max <= 1472, "server sent a {}-byte datagram", s.server_out_max);
+    assert!(s.server_out_max > 1400, "pieces as large as the server's side allows: {}", s.server_out_max);
 }

@@ -289,7 +289,7 @@ pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], worker
         }
         let now = Instant::now();
         // Only a request accepted by a session counts as authentic (a HELLO can be replayed).
-        let r = io.recv_now(&mut bufs, &mut |from, d| match proto.handle(now, d) {
+        let r = io.recv_now(&mut bufs, &mut |from, d| match proto.handle(now, d, || io.max_datagram_to(from)) {
             Some(Input::Reply(r)) => {
                 let _ = io.send_burst(from, &r, r.len());
                 false

@@ -40,9 +40,11 @@ pub trait DatagramIo: Send + Sync {
     fn describe_stats(&self) -> String {
         String::new()
     }
+    /// Largest datagram this side can send to `peer` (a server asks once per handshake).
+    fn max_datagram_to(&self, peer: SocketAddr) -> usize;
 }
 
-/// Largest datagram for the path to `peer` without IP fragmentation.
+/// Largest datagram for the path to `peer` without IP fragmentation (`sock` is connected to it).
 pub fn path_max_datagram(sock: &UdpSocket, peer: SocketAddr) -> usize {
     let ipv6 = peer.is_ipv6();
     let overhead = if ipv6 { 48 } else { 28 };

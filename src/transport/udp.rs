@@ -115,4 +115,18 @@ impl DatagramIo for UdpIo {
     fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         self.recv_now_impl(bufs, f)
     }
+    /// The route's MTU to `peer`, asked of a throwaway socket connected to it (the serving
+    /// socket is not connected). The socket sends with "don't fragment" (quinn-udp), so a
+    /// datagram above this fails with EMSGSIZE. When the kernel cannot say: the smallest.
+    fn max_datagram_to(&self, peer: SocketAddr) -> usize {
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let any: SocketAddr = match peer {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        match UdpSocket::bind(any).and_then(|s| s.connect(peer).map(|()| s)) {
+            Ok(s) => super::path_max_datagram(&s, peer),
+            Err(_) => crate::proto::wire::MIN_DATAGRAM,
+        }
+    }
 }

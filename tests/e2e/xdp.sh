@@ -13,7 +13,8 @@
 # program attached without an owner is replaced; generic (skb) mode works; transport=auto
 # falls back to UDP and transport=xdp fails, each with one line, when AF_XDP cannot start (no
 # such interface, an interface that is down); a server without privilege exits with one line
-# that says so; on a driver without native XDP (lo) the server picks generic mode by itself.
+# that says so; on a driver without native XDP (lo) the server picks generic mode by itself; a
+# client whose side has a larger MTU than the server's reads through both kinds of server.
 #
 # Environment: WRAITH_BIN (directory with wraith-serve and wraith-mount, default
 # target/release), WRAITH_XDP_MIB (size of the big file, default 64), WRAITH_E2E_KEEP=1.
@@ -329,6 +330,22 @@ check_fails "xdp: a second server on the same interface is refused" \
 stop_pid "$SERVER_PID" 10
 no_xdp_left "end" "$NS_A" "$S_IF"
 no_xdp_left "end" "$NS_B" "$C_IF"
+
+# --- a client whose side carries larger datagrams than the server's ------------------------------
+
+# The client's end of the veth gets MTU 3000 and says so in its HELLO; the server's end stays at
+# 1500. The server must send no datagram larger than its side carries (the UDP socket sends with
+# "don't fragment": EMSGSIZE; an AF_XDP frame larger than the MTU).
+ip -n "$NS_B" link set "$C_IF" mtu 3000
+for smode in udp xdp; do
+    start_server_mode "mtu $smode" "$smode" || continue
+    if mount_ok "mtu $smode" "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/mtu" "keyfile=$KEY,transport=udp"; then
+        check "client MTU 3000, $smode server MTU 1500: read byte-identical" timeout 60 cmp "$SRC/small/f2" "$WORK/cli/mtu/small/f2"
+        umount_ok "mtu $smode" "$WORK/cli/mtu"
+    fi
+    stop_pid "$SERVER_PID" 10
+done
+ip -n "$NS_B" link set "$C_IF" mtu 1500
 
 # --- why AF_XDP cannot start: privilege, an interface that is down, a driver without XDP -------
 

@@ -674,6 +674,11 @@ fn reserve_socket(at: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 impl DatagramIo for XdpIo {
+    /// What one frame on this interface carries (peers reached through the kernel path too:
+    /// their route leaves by this interface or one the kernel fragments for).
+    fn max_datagram_to(&self, _peer: SocketAddr) -> usize {
+        self.max_datagram()
+    }
     fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
         self.send_impl(dest, buf, seg)
     }
