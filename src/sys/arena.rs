@@ -86,8 +86,8 @@ unsafe impl Send for Region {}
 
 impl Region {
     /// `want` bytes, zeroed and faulted in, at the start of a mapping of whole 2 MiB runs (the
-    /// rest of the last run stays unmapped memory until touched: slots that fit there are
-    /// counted by [`Region::fit`]).
+    /// rest of the last run is mapped but not populated, though with huge pages it is backed
+    /// anyway; [`Region::fit`] counts the slots that fit there, so growth uses it).
     pub(super) fn new(want: usize) -> io::Result<Region> {
         let len = want.max(1).next_multiple_of(RUN);
         let span = len + RUN;
@@ -126,9 +126,16 @@ impl Region {
         // are then touched one by one below).
         let populated = unsafe {
             libc::madvise(region.ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE);
-            libc::madvise(region.ptr.as_ptr().cast(), fill, libc::MADV_POPULATE_WRITE) == 0
+            libc::madvise(region.ptr.as_ptr().cast(), fill, libc::MADV_POPULATE_WRITE)
         };
-        if !populated {
+        if populated != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                // Out of memory (ENOMEM) and the like: say so rather than touch pages into the
+                // OOM killer; the region is unmapped when dropped here.
+                return Err(e);
+            }
+            // A kernel before 5.14, without populate: touch each page.
             for off in (0..fill).step_by(4096) {
                 // SAFETY: off < fill <= len, inside the mapping; a volatile store of zero into zeroed
                 // memory, which the compiler may not drop, faults the page in.
@@ -262,8 +269,9 @@ impl ArenaState {
 }
 
 impl Arena {
-    /// An arena of slots of `slot` bytes; alignment: slots lie end to end from a region's
-    /// 2 MiB-aligned start, so each is aligned to every power of two up to 2 MiB that divides `slot`.
+    /// An arena of slots of `slot` bytes; alignment: slots lie one stride apart from a region's
+    /// 2 MiB-aligned start, so each is aligned to every power of two up to 2 MiB that divides
+    /// the stride (`slot` rounded up to 4 KiB).
     pub(super) fn new(slot: usize, reserve: usize, state: ArenaState, wake: Arc<File>) -> Arena {
         Arena { slot, reserve, state: Mutex::new(state), prepare: Condvar::new(), wake }
     }
@@ -290,8 +298,14 @@ impl Arena {
                 }
                 Region::fit(a.slot, GROW_BY).min(st.max.saturating_sub(st.planned()))
             };
-            // Out of memory (mmap failed): no more growth; chunks use heap memory instead.
-            let new = if n > 0 { Region::new(Region::bytes(a.slot, n)).ok() } else { None };
+            // Out of memory: no more growth; chunks use heap memory instead.
+            let new = if n > 0 {
+                Region::new(Region::bytes(a.slot, n))
+                    .inspect_err(|e| tracing::info!("io_uring arena stops growing: cannot map memory ({e}); further chunks use heap memory"))
+                    .ok()
+            } else {
+                None
+            };
             let mut st = a.state.lock().unwrap();
             match new {
                 Some(r) => st.ready.push((r, n)),

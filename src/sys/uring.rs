@@ -2,7 +2,7 @@
 //! in-flight operations. Other threads hand it [`Op`]s by channel and get the result back through
 //! a callback that runs on the ring thread (it should only send on a channel).
 //!
-//! - Buffers: an [`Arena`] of equal slots of [`AlignedBuf`] memory (alignment from the device,
+//! - Buffers: an [`Arena`] of equal slots in mapped [`Region`]s (alignment from the device,
 //!   see `sys::disk::dio_align`), registered with the ring; reads are `ReadFixed`, writes
 //!   `WriteFixed`. An operation larger than one slot is split into parts, one slot and one SQE
 //!   each. `n_bufs` slots are registered at start and kept for the ring's own parts; more are
@@ -336,6 +336,17 @@ struct Ring {
 impl Ring {
     fn new(cfg: &IoConfig) -> io::Result<Ring> {
         let max = cfg.max_bufs.max(cfg.n_bufs).min(MAX_REG_BUFFERS);
+        // SAFETY: eventfd(2) has no memory arguments; a non-negative return is a new fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+        // The memory is made before the ring: on every early return below, the ring (declared
+        // after it) is dropped first, so registered memory outlives its registration.
+        let region = Region::new(Region::bytes(cfg.buf_size, cfg.n_bufs))?;
+        let mut iovecs = region.slots(cfg.buf_size, cfg.n_bufs);
         // Every queued part holds a slot (or is a write from its own slot): room for all of them.
         let ring = IoUring::new((max as u32 + 8).next_power_of_two().clamp(64, 32768))?;
         let mut probe = Probe::new();
@@ -349,9 +360,8 @@ impl Ring {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, format!("kernel lacks IORING_OP_{name}")));
             }
         }
-        let region = Region::new(Region::bytes(cfg.buf_size, cfg.n_bufs))?;
-        let mut iovecs = region.slots(cfg.buf_size, cfg.n_bufs);
-        let max = match ring.submitter().register_buffers_sparse(max as u32) {
+        let sparse = ring.submitter().register_buffers_sparse(max as u32);
+        let max = match sparse {
             // SAFETY: every iovec describes a slot of `region`, which moves into the arena, which
             // outlives the ring (see `run`), so the registered memory outlives the registration.
             Ok(()) => match unsafe { register_each(&ring, 0, &iovecs) } {
@@ -378,16 +388,20 @@ impl Ring {
                 cfg.n_bufs
             }
         };
-        // SAFETY: eventfd(2) has no memory arguments; a non-negative return is a new fd we own.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let wake = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
         let reserve = iovecs.len();
         let arena = Arc::new(Arena::new(cfg.buf_size, reserve, ArenaState::new(region, &iovecs, max), wake));
-        let preparer = if max > reserve { Some(arena.spawn_preparer()?) } else { None };
+        let preparer = if max > reserve {
+            match arena.spawn_preparer() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::info!("io_uring arena cannot grow: no thread to prepare memory ({e}); chunks use heap memory");
+                    arena.state.lock().unwrap().max = reserve;
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let big = AlignedBuf::new(cfg.buf_size, cfg.align);
         Ok(Ring { ring, arena, wake_buf: Box::new(0), warned_grow: false, big, preparer })
     }

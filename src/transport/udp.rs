@@ -2,9 +2,11 @@
 //! datagrams), receives use `recvmmsg` with GRO, both through `quinn-udp`. The socket is
 //! non-blocking; readiness comes from poll(2), so a timer never waits behind a blocking receive.
 
+use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
@@ -15,11 +17,16 @@ use crate::sys::net;
 const RECV_BATCH: usize = 32;
 const RECV_BUF: usize = 65536;
 const SOCKET_BUFFER: usize = 32 << 20;
+/// Route MTUs asked for (per handshake) are remembered this long, for this many peers: a replayed
+/// HELLO (authentic, so it gets this far) costs a map lookup, not five system calls.
+const MTU_TTL: Duration = Duration::from_secs(60);
+const MTU_PEERS: usize = 1024;
 
 /// A non-blocking UDP socket with offloads.
 pub struct UdpIo {
     sock: UdpSocket,
     state: UdpSocketState,
+    mtus: Mutex<HashMap<IpAddr, (usize, Instant)>>,
 }
 
 impl UdpIo {
@@ -28,7 +35,7 @@ impl UdpIo {
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let _ = net::set_recv_buffer(sock.as_fd(), SOCKET_BUFFER);
         let _ = net::set_send_buffer(sock.as_fd(), SOCKET_BUFFER);
-        Ok(UdpIo { sock, state })
+        Ok(UdpIo { sock, state, mtus: Mutex::new(HashMap::new()) })
     }
 
     pub fn socket(&self) -> &UdpSocket {
@@ -116,17 +123,60 @@ impl DatagramIo for UdpIo {
         self.recv_now_impl(bufs, f)
     }
     /// The route's MTU to `peer`, asked of a throwaway socket connected to it (the serving
-    /// socket is not connected). The socket sends with "don't fragment" (quinn-udp), so a
-    /// datagram above this fails with EMSGSIZE. When the kernel cannot say: the smallest.
+    /// socket is not connected) and remembered for a minute. The socket sends with "don't
+    /// fragment" (quinn-udp), so a datagram above this fails with EMSGSIZE. When the kernel
+    /// cannot say: the smallest.
     fn max_datagram_to(&self, peer: SocketAddr) -> usize {
-        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        // A v4-mapped peer of a dual-stack socket is asked about as IPv4 (its real route); any
+        // other keeps its scope (a link-local peer needs its interface to connect).
+        let peer = match peer {
+            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+                None => SocketAddr::V6(v6),
+            },
+            v4 => v4,
+        };
+        let now = Instant::now();
+        if let Some(&(m, at)) = self.mtus.lock().unwrap().get(&peer.ip()) {
+            if now.duration_since(at) < MTU_TTL {
+                return m;
+            }
+        }
         let any: SocketAddr = match peer {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         };
-        match UdpSocket::bind(any).and_then(|s| s.connect(peer).map(|()| s)) {
+        let m = match UdpSocket::bind(any).and_then(|s| s.connect(peer).map(|()| s)) {
             Ok(s) => super::path_max_datagram(&s, peer),
             Err(_) => crate::proto::wire::MIN_DATAGRAM,
+        };
+        let mut mtus = self.mtus.lock().unwrap();
+        if mtus.len() >= MTU_PEERS {
+            mtus.retain(|_, (_, at)| now.duration_since(*at) < MTU_TTL);
+            if mtus.len() >= MTU_PEERS {
+                mtus.clear();
+            }
         }
+        mtus.insert(peer.ip(), (m, now));
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::wire::MAX_DATAGRAM;
+
+    #[test]
+    fn max_datagram_to_asks_the_route_and_remembers_it() {
+        let io = UdpIo::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+        // Loopback's MTU (64 KiB) is above what wraith ever builds.
+        assert_eq!(io.max_datagram_to("127.0.0.1:9".parse().unwrap()), MAX_DATAGRAM);
+        // A v4-mapped peer (a dual-stack server) is the same IPv4 peer.
+        assert_eq!(io.max_datagram_to("[::ffff:127.0.0.1]:9".parse().unwrap()), MAX_DATAGRAM);
+        assert_eq!(io.mtus.lock().unwrap().len(), 1);
+        // Remembered: a changed entry is what comes back within the minute.
+        io.mtus.lock().unwrap().get_mut(&"127.0.0.1".parse::<IpAddr>().unwrap()).unwrap().0 = 1400;
+        assert_eq!(io.max_datagram_to("127.0.0.1:10".parse().unwrap()), 1400);
     }
 }

@@ -34,7 +34,7 @@ PORT=7447
 XDP_QUEUES=2
 
 [ "$(id -u)" -eq 0 ] || die "prerequisites" "must run as root (namespaces, XDP, FUSE)"
-for t in ip nsenter findmnt umount timeout cmp b3sum python3 ss; do
+for t in ip nsenter findmnt umount timeout cmp b3sum python3 ss setpriv; do
     command -v "$t" >/dev/null 2>&1 || die "prerequisites" "missing tool: $t"
 done
 [ -c /dev/fuse ] || die "prerequisites" "/dev/fuse is missing"
@@ -338,7 +338,8 @@ no_xdp_left "end" "$NS_B" "$C_IF"
 # "don't fragment": EMSGSIZE; an AF_XDP frame larger than the MTU).
 ip -n "$NS_B" link set "$C_IF" mtu 3000
 for smode in udp xdp; do
-    start_server_mode "mtu $smode" "$smode" || continue
+    SERVER_PID=
+    start_server_mode "mtu $smode" "$smode" || { [ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID" 10; continue; }
     if mount_ok "mtu $smode" "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/mtu" "keyfile=$KEY,transport=udp"; then
         check "client MTU 3000, $smode server MTU 1500: read byte-identical" timeout 60 cmp "$SRC/small/f2" "$WORK/cli/mtu/small/f2"
         umount_ok "mtu $smode" "$WORK/cli/mtu"
@@ -362,18 +363,20 @@ if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$(printf '%s\n' "$reason" | grep -
 else
     not_ok "no privilege: the server exits non-zero with one line naming the reason" "exit $rc: $(last_line "$WORK/logs/serve-nobody.log")"
 fi
-no_xdp_left "no privilege" "$NS_A" "$S_IF"
+chmod 700 "$WORK"
 
 # An interface that is down (a second veth pair in the client's namespace, its peer down).
 DOWN_IF=wxd0
 if ip -n "$NS_B" link add "$DOWN_IF" type veth peer name wxd1 && ip -n "$NS_B" link set "$DOWN_IF" up; then
-    start_server_mode "down" udp || true
+    SERVER_PID=
+    start_server_mode "down" udp
     mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/down" "keyfile=$KEY,transport=xdp,iface=$DOWN_IF"
     rc=$?
     if [ "$rc" -ne 0 ] && [ "$(wc -l <"$WORK/logs/mount.err")" -eq 1 ] && grep -q "$DOWN_IF is down" "$WORK/logs/mount.err"; then
         ok "interface down: transport=xdp exits non-zero with one line ($(cat "$WORK/logs/mount.err"))"
     else
         not_ok "interface down: transport=xdp exits non-zero with one line" "exit $rc: $(cat "$WORK/logs/mount.err")"
+        is_mounted "$WORK/cli/down" && unmount "$WORK/cli/down"
     fi
     if mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/down" "keyfile=$KEY,transport=auto,iface=$DOWN_IF"; then
         check_eq "interface down: transport=auto says why in one line and falls back to UDP" 1 \
@@ -383,7 +386,7 @@ if ip -n "$NS_B" link add "$DOWN_IF" type veth peer name wxd1 && ip -n "$NS_B" l
     else
         not_ok "interface down: transport=auto falls back to UDP" "$(last_line "$WORK/logs/mount.err")"
     fi
-    stop_pid "$SERVER_PID" 10
+    [ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID" 10
     no_xdp_left "interface down" "$NS_B" "$DOWN_IF"
     ip -n "$NS_B" link del "$DOWN_IF" 2>/dev/null
 else
@@ -394,8 +397,9 @@ fi
 # client's requests reach it through the AF_XDP socket (rx counted in its AF_XDP totals). The
 # frames must fit a 4 KiB UMEM frame: lo's MTU is lowered in this namespace for the test.
 ip -n "$NS_A" link set lo mtu 3000
+SERVER_PID=
 serve "lo" "$NS_A" 127.0.0.1 "$PORT" --key "$KEY" --state-dir "$WORK/state/s" \
-    --export "tree=$SRC" --xdp lo || true
+    --export "tree=$SRC" --xdp lo
 for ((i = 0; i < 100; i++)); do
     grep -q "AF_XDP on lo" "$WORK/logs/serve-lo.log" && break
     sleep 0.1
@@ -405,7 +409,7 @@ if mount_ok "lo" "$NS_A" "127.0.0.1:$PORT:/tree" "$WORK/cli/lo" "keyfile=$KEY,tr
     check "lo: read byte-identical through the generic-mode server" timeout 60 cmp "$SRC/small/f4" "$WORK/cli/lo/small/f4"
     umount_ok "lo" "$WORK/cli/lo"
 fi
-stop_pid "$SERVER_PID" 10
+[ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID" 10
 rx=$(grep -o 'AF_XDP totals rx=[0-9]*' "$WORK/logs/serve-lo.log" | tail -1 | cut -d= -f2)
 check "lo: the requests came through the AF_XDP socket (rx=${rx:-none})" test "${rx:-0}" -gt 0
 no_xdp_left "lo" "$NS_A" lo
