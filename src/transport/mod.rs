@@ -177,8 +177,9 @@ impl ClientTransport {
         let mut s = self.shared.lock().unwrap();
         let id = s.client.start_request(now, req.encode(), expect, deadline);
         s.waiters.insert(id, tx);
-        drive(&*self.io, self.peer, &mut s);
+        let out = drive(self.peer, &mut s);
         drop(s);
+        send_all(&*self.io, self.peer, out);
         Pending { rx, deadline, id, shared: self.shared.clone() }
     }
 
@@ -207,11 +208,23 @@ impl ClientTransport {
 }
 
 /// Flush datagrams and deliver events. Called with the lock held.
-fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
-    while let Some(d) = s.client.poll_transmit() {
+/// Send what [`drive`] took out, after the protocol lock is let go: a send may wait (a full
+/// socket buffer; an AF_XDP ring that does not drain, up to 2 s), and meanwhile other requests,
+/// received datagrams and timers must not wait for it.
+fn send_all(io: &dyn DatagramIo, peer: SocketAddr, out: Vec<Vec<u8>>) {
+    for d in out {
         if let Err(e) = io.send_burst(peer, &d, d.len()) {
             tracing::debug!(error = %e, "send failed");
         }
+    }
+}
+
+/// Under the protocol lock: take the datagrams the protocol wants sent (for [`send_all`]) and
+/// hand out its events.
+fn drive(peer: SocketAddr, s: &mut Shared) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(d) = s.client.poll_transmit() {
+        out.push(d);
     }
     while let Some(e) = s.client.poll_event() {
         match e {
@@ -245,6 +258,7 @@ fn drive(io: &dyn DatagramIo, peer: SocketAddr, s: &mut Shared) {
             }
         }
     }
+    out
 }
 
 fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr, reporter: bool) {
@@ -302,7 +316,9 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
                         false
                     }
                 };
-                drive(&*io, peer, &mut s);
+                let out = drive(peer, &mut s);
+                drop(s);
+                send_all(&*io, peer, out);
                 accepted
             });
             if let Err(e) = r {
@@ -318,6 +334,61 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
         if s.client.poll_timeout().is_some_and(|t| t <= now) {
             s.client.handle_timeout(now);
         }
-        drive(&*io, peer, &mut s);
+        let out = drive(peer, &mut s);
+        drop(s);
+        send_all(&*io, peer, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A path whose first send takes 600 ms (a full socket buffer, an AF_XDP ring that does not
+    /// drain) and that never receives anything.
+    struct SlowIo {
+        slow: AtomicBool,
+    }
+
+    impl DatagramIo for SlowIo {
+        fn send_burst(&self, _: SocketAddr, _: &[u8], _: usize) -> io::Result<()> {
+            if self.slow.swap(false, Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(600));
+            }
+            Ok(())
+        }
+        fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+            thread::sleep(timeout.min(Duration::from_millis(20)));
+            Ok(false)
+        }
+        fn recv_now(&self, _: &mut RecvBufs, _: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn max_datagram_to(&self, _: SocketAddr) -> usize {
+            MIN_DATAGRAM
+        }
+    }
+
+    #[test]
+    fn a_slow_send_does_not_hold_the_protocol_lock() {
+        let io = Arc::new(SlowIo { slow: AtomicBool::new(true) });
+        let t = Arc::new(ClientTransport::with_io(io.clone(), "127.0.0.1:9".parse().unwrap(), [1; 32], 1472).unwrap());
+        let t2 = t.clone();
+        let sender = thread::spawn(move || {
+            // Its HELLO is sent by whichever thread drives first: the slow send.
+            let _p = t2.submit(&Request::Attach { share: "s".into() }, 0, Duration::from_secs(5));
+        });
+        let t0 = Instant::now();
+        while io.slow.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!io.slow.load(Ordering::SeqCst), "nothing was sent");
+        thread::sleep(Duration::from_millis(50)); // well inside the 600 ms send
+        let start = Instant::now();
+        let _ = t.stats();
+        let waited = start.elapsed();
+        sender.join().unwrap();
+        assert!(waited < Duration::from_millis(300), "the protocol lock was held for {waited:?} during a send");
     }
 }
