@@ -31,7 +31,7 @@ use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::netdev::{self, NetDev};
 use crate::sys::xdp_prog::{AttachError, Filter, XdpProgram, MAX_QUEUES};
 use crate::sys::xsk::{self, Frame, XskConfig, XskRx, XskTx, XskView};
-use rings::{PushError, Receiver, RxRing, Sender, TxRing};
+use rings::{PushError, Receiver, RxRing, Sender, Taken, TxRing};
 
 pub use crate::sys::xdp_prog::XdpMode;
 
@@ -560,9 +560,11 @@ impl XdpIo {
         let mut last_src: Option<(IpAddr, Mac)> = None;
         let mut frames = TAKEN.with(|t| std::mem::take(&mut *t.borrow_mut()));
         for q in &self.queues {
+            // Given back after each batch, and by the guard if `f` panics.
+            let mut taken = Taken::new(&q.rx, frames);
             for _ in 0..16 {
-                let got = q.rx.lock().unwrap().take(&mut frames, RX_BATCH);
-                for fr in frames.iter_mut() {
+                let got = taken.take(RX_BATCH);
+                for fr in taken.frames.iter_mut() {
                     let (src, src_mac, at) = match packet::parse(q.view.data(fr)) {
                         Ok(d) if d.dst.port() == self.port && self.is_local(d.dst.ip()) => {
                             let start = d.payload.as_ptr() as usize - q.view.data(fr).as_ptr() as usize;
@@ -579,14 +581,13 @@ impl XdpIo {
                         last_src = Some((src.ip(), src_mac));
                     }
                 }
-                if got > 0 {
-                    q.rx.lock().unwrap().give_back(&mut frames);
-                }
+                taken.give_back();
                 total += got;
                 if got < RX_BATCH {
                     break;
                 }
             }
+            frames = taken.into_vec();
         }
         TAKEN.with(|t| *t.borrow_mut() = frames);
         let kernel = if self.kernel_ready.swap(false, Ordering::Relaxed) { self.recv_kernel(f)? } else { 0 };

@@ -8,6 +8,7 @@
 //! and remove what the ring accepted.
 
 use std::io;
+use std::sync::{Mutex, PoisonError};
 
 /// The kernel side of receiving: fill ring and rx ring.
 pub trait RxRing {
@@ -76,6 +77,46 @@ impl<R: RxRing> Receiver<R> {
 
     pub fn ring(&self) -> &R {
         &self.ring
+    }
+}
+
+/// Frames taken out of a [`Receiver`] behind a mutex, for reading without its lock. They go
+/// back ([`Receiver::give_back`]) when this drops: after the reading, and also while a panic in
+/// whatever reads them unwinds; frames lost there would leave the fill ring short for good.
+pub struct Taken<'a, R: RxRing> {
+    rx: &'a Mutex<Receiver<R>>,
+    pub frames: Vec<R::Frame>,
+}
+
+impl<'a, R: RxRing> Taken<'a, R> {
+    /// `frames` is an empty vector whose memory is reused.
+    pub fn new(rx: &'a Mutex<Receiver<R>>, frames: Vec<R::Frame>) -> Self {
+        debug_assert!(frames.is_empty());
+        Taken { rx, frames }
+    }
+
+    /// Take up to `max` more frames; returns how many.
+    pub fn take(&mut self, max: usize) -> usize {
+        self.rx.lock().unwrap_or_else(PoisonError::into_inner).take(&mut self.frames, max)
+    }
+
+    /// Give the frames held back now.
+    pub fn give_back(&mut self) {
+        if !self.frames.is_empty() {
+            self.rx.lock().unwrap_or_else(PoisonError::into_inner).give_back(&mut self.frames);
+        }
+    }
+
+    /// The (empty) vector, to be reused.
+    pub fn into_vec(mut self) -> Vec<R::Frame> {
+        self.give_back();
+        std::mem::take(&mut self.frames)
+    }
+}
+
+impl<R: RxRing> Drop for Taken<'_, R> {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 

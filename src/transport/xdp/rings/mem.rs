@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::io;
 
-use super::{PushError, Receiver, RxRing, Sender, TxRing};
+use super::{PushError, Receiver, RxRing, Sender, Taken, TxRing};
 
 /// A chunk of the fake UMEM: its id and its own bytes. Not `Clone`, like the real one.
 #[derive(Debug)]
@@ -321,4 +321,41 @@ mod prop {
             prop_assert_eq!(wired + s.ring.wire.len(), sent.len());
         }
     }
+}
+
+#[test]
+fn taken_frames_come_back_when_the_reader_panics() {
+    let (ring, fr) = MemRx::new(16, 256, 16, 16);
+    let rx = std::sync::Mutex::new(Receiver::new(ring, fr));
+    for i in 0..10 {
+        assert!(rx.lock().unwrap().ring.deliver(&packet(i, 50)));
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut t = Taken::new(&rx, Vec::new());
+        assert_eq!(t.take(8), 8);
+        assert_eq!(rx.lock().unwrap().in_kernel(), 8);
+        for f in &t.frames {
+            if u32::from_le_bytes(f.buf[..4].try_into().unwrap()) == 3 {
+                panic!("the reader fails on packet 3");
+            }
+        }
+    }));
+    assert!(r.is_err());
+    let r = rx.lock().unwrap();
+    assert_eq!(r.in_kernel(), 16, "the 8 frames went back to the fill ring while unwinding");
+    assert_eq!(r.lent, 0);
+}
+
+#[test]
+fn taken_frames_come_back_and_the_vector_is_reused() {
+    let (ring, fr) = MemRx::new(16, 256, 16, 16);
+    let rx = std::sync::Mutex::new(Receiver::new(ring, fr));
+    for i in 0..5 {
+        assert!(rx.lock().unwrap().ring.deliver(&packet(i, 50)));
+    }
+    let mut t = Taken::new(&rx, Vec::with_capacity(32));
+    assert_eq!(t.take(32), 5);
+    let v = t.into_vec();
+    assert!(v.is_empty() && v.capacity() >= 32);
+    assert_eq!(rx.lock().unwrap().in_kernel(), 16);
 }
