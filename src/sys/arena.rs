@@ -195,11 +195,12 @@ unsafe impl Send for SlotPtr {}
 /// out as a [`Lease`] that gives it back when dropped. Registered memory is never freed while the
 /// ring exists: the ring thread holds the arena until the ring is gone, and every lease holds it.
 ///
-/// Growing: new slots are mapped (a [`Region`] of about [`GROW_BY`] slots) and faulted in by a helper thread (`wraith-uring-mem`), ahead of need
-/// (when fewer than [`LOW_WATER`] lendable slots are left), and only registered by the ring
-/// thread, which pins pages that are already there. Faulting in fresh memory is slow (the kernel
-/// zeroes every page; on this VM the host backs it too: ~0.4–0.7 s per GiB), and done
-/// on the ring thread it stalled every read and write queued behind it.
+/// Growing: new slots are mapped (a [`Region`] of about [`GROW_BY`] slots) and faulted in by a
+/// helper thread (`wraith-uring-mem`), ahead of need (when fewer than [`LOW_WATER`] lendable
+/// slots are left), and only registered by the ring thread, which pins pages that are already
+/// there. Faulting in fresh memory is slow (the kernel zeroes every page; on this VM the host
+/// backs it too: figures at [`Region`]), and done on the ring thread it stalled every read and
+/// write queued behind it.
 pub struct Arena {
     pub(super) slot: usize,
     /// Slots lending never takes: operations of up to this many parts always get their slots.

@@ -432,19 +432,19 @@ impl Ring {
         let mut err = None;
         let mut at = have;
         for (region, n) in new {
-            let mut iovecs = region.slots(self.arena.slot, n.min(room));
-            if err.is_none() && !iovecs.is_empty() {
-                // SAFETY: the iovecs describe slots of `region`, which moves into the arena below
-                // (mapped memory does not move) and lives until after the ring is gone, also
-                // when only part of it was registered.
-                let (done, e) = unsafe { register_each(&self.ring, at, &iovecs) };
-                iovecs.truncate(done);
-                err = e;
-            } else {
-                iovecs.clear();
+            // A region nothing of which gets registered is unmapped here, when it drops.
+            if err.is_some() || room == 0 {
+                continue;
             }
+            let mut iovecs = region.slots(self.arena.slot, n.min(room));
+            // SAFETY: the iovecs describe slots of `region`, which moves into the arena below
+            // (mapped memory does not move) and lives until after the ring is gone, also when
+            // only part of it was registered.
+            let (done, e) = unsafe { register_each(&self.ring, at, &iovecs) };
+            iovecs.truncate(done);
+            err = e;
             if iovecs.is_empty() {
-                continue; // nothing of it registered: unmapped here
+                continue;
             }
             at += iovecs.len();
             room -= iovecs.len();

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,30 @@ pub trait DatagramIo: Send + Sync {
     }
     /// Largest datagram this side can send to `peer` (a server asks once per handshake).
     fn max_datagram_to(&self, peer: SocketAddr) -> usize;
+}
+
+/// A UDP socket on an ephemeral port of `peer`'s family, connected to `peer`: the kernel has
+/// chosen its route and source address (and so can say the route's MTU).
+pub fn connected_socket(peer: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = match peer {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(any)?;
+    sock.connect(peer)?;
+    Ok(sock)
+}
+
+/// Peers a per-peer map remembers at most.
+const MAX_PEERS: usize = 4096;
+
+/// Insert into a bounded per-peer map: when full, forget everything (rebuilt from the kernel and
+/// the next datagrams) rather than grow without end under spoofed sources.
+fn bounded_insert<V>(m: &mut HashMap<IpAddr, V>, k: IpAddr, v: V) {
+    if m.len() >= MAX_PEERS && !m.contains_key(&k) {
+        m.clear();
+    }
+    m.insert(k, v);
 }
 
 /// Largest datagram for the path to `peer` without IP fragmentation (`sock` is connected to it).
@@ -145,9 +169,7 @@ impl Pending {
 
 impl ClientTransport {
     pub fn connect(peer: SocketAddr, psk: [u8; 32]) -> io::Result<Self> {
-        let bind: SocketAddr = if peer.is_ipv6() { "[::]:0".parse().unwrap() } else { "0.0.0.0:0".parse().unwrap() };
-        let sock = UdpSocket::bind(bind)?;
-        sock.connect(peer)?;
+        let sock = connected_socket(peer)?;
         let max_datagram = path_max_datagram(&sock, peer);
         tracing::debug!(%peer, max_datagram, "client socket ready");
         let io: Arc<dyn DatagramIo> = Arc::new(UdpIo::new(sock)?);

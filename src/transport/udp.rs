@@ -17,10 +17,9 @@ use crate::sys::net;
 const RECV_BATCH: usize = 32;
 const RECV_BUF: usize = 65536;
 const SOCKET_BUFFER: usize = 32 << 20;
-/// Route MTUs asked for (per handshake) are remembered this long, for this many peers: a replayed
+/// Route MTUs asked for (per handshake) are remembered this long (in a bounded map): a replayed
 /// HELLO (authentic, so it gets this far) costs a map lookup, not five system calls.
 const MTU_TTL: Duration = Duration::from_secs(60);
-const MTU_PEERS: usize = 1024;
 
 /// A non-blocking UDP socket with offloads.
 pub struct UdpIo {
@@ -142,22 +141,11 @@ impl DatagramIo for UdpIo {
                 return m;
             }
         }
-        let any: SocketAddr = match peer {
-            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let m = match UdpSocket::bind(any).and_then(|s| s.connect(peer).map(|()| s)) {
+        let m = match super::connected_socket(peer) {
             Ok(s) => super::path_max_datagram(&s, peer),
             Err(_) => crate::proto::wire::MIN_DATAGRAM,
         };
-        let mut mtus = self.mtus.lock().unwrap();
-        if mtus.len() >= MTU_PEERS {
-            mtus.retain(|_, (_, at)| now.duration_since(*at) < MTU_TTL);
-            if mtus.len() >= MTU_PEERS {
-                mtus.clear();
-            }
-        }
-        mtus.insert(peer.ip(), (m, now));
+        super::bounded_insert(&mut self.mtus.lock().unwrap(), peer.ip(), (m, now));
         m
     }
 }

@@ -59,6 +59,35 @@ no_xdp_left() {
     not_ok "$1: no XDP program left on $3" "$(ip -n "$2" link show "$3" | grep prog/xdp)"
 }
 
+# xdp_refused NAME IFACE REASON: a client with transport=xdp on IFACE exits non-zero with one
+# line that contains REASON.
+xdp_refused() {
+    local name=$1 ifc=$2 reason=$3 mnt=$WORK/cli/refused rc
+    mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$mnt" "keyfile=$KEY,transport=xdp,iface=$ifc"
+    rc=$?
+    if [ "$rc" -ne 0 ] && [ "$(wc -l <"$WORK/logs/mount.err")" -eq 1 ] && grep -qF "$reason" "$WORK/logs/mount.err"; then
+        ok "$name: transport=xdp exits non-zero with one line ($(cat "$WORK/logs/mount.err"))"
+    else
+        not_ok "$name: transport=xdp exits non-zero with one line" "exit $rc: $(cat "$WORK/logs/mount.err")"
+        is_mounted "$mnt" && unmount "$mnt"
+    fi
+}
+
+# auto_falls_back NAME IFACE REASON FILE: a client with transport=auto on IFACE says why in one
+# line ("AF_XDP unavailable (REASON...); using UDP"), mounts over UDP and reads small/FILE.
+auto_falls_back() {
+    local name=$1 ifc=$2 reason=$3 file=$4 mnt=$WORK/cli/fallback
+    if mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$mnt" "keyfile=$KEY,transport=auto,iface=$ifc"; then
+        check_eq "$name: transport=auto says why in one line and falls back to UDP" 1 \
+            "$(grep -c 'AF_XDP unavailable' "$WORK/logs/mount.err")"
+        check "$name: the line names the reason" grep -qF "AF_XDP unavailable ($reason" "$WORK/logs/mount.err"
+        check "$name: read over the UDP fallback" timeout 60 cmp "$SRC/small/$file" "$mnt/small/$file"
+        umount_ok "$name" "$mnt"
+    else
+        not_ok "$name: transport=auto falls back to UDP" "$(last_line "$WORK/logs/mount.err")"
+    fi
+}
+
 # start_server_mode NAME MODE [ARGS...]: MODE udp or xdp; on $SERVE_ADDR (default $S_ADDR).
 # Sets SERVER_PID.
 start_server_mode() {
@@ -308,21 +337,8 @@ if mount_ok "generic" "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/generic" "keyfile
     umount_ok "generic" "$WORK/cli/generic"
 fi
 
-if mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/auto" "keyfile=$KEY,transport=auto,iface=nosuch0"; then
-    lines=$(grep -c 'AF_XDP unavailable' "$WORK/logs/mount.err")
-    check_eq "auto: falls back to UDP with one line naming the reason" 1 "$lines"
-    check "auto: read over the UDP fallback" timeout 60 cmp "$SRC/small/f3" "$WORK/cli/auto/small/f3"
-    umount_ok "auto" "$WORK/cli/auto"
-else
-    not_ok "auto: falls back to UDP" "$(last_line "$WORK/logs/mount.err")"
-fi
-mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/forced" "keyfile=$KEY,transport=xdp,iface=nosuch0"
-rc=$?
-if [ "$rc" -ne 0 ] && [ "$(wc -l <"$WORK/logs/mount.err")" -eq 1 ] && grep -q 'nosuch0 does not exist' "$WORK/logs/mount.err"; then
-    ok "xdp: exits non-zero with one line when AF_XDP cannot start ($(cat "$WORK/logs/mount.err"))"
-else
-    not_ok "xdp: exits non-zero with one line when AF_XDP cannot start" "exit $rc: $(cat "$WORK/logs/mount.err")"
-fi
+auto_falls_back "no such interface" nosuch0 "interface nosuch0 does not exist" f3
+xdp_refused "no such interface" nosuch0 "interface nosuch0 does not exist"
 # A second AF_XDP server on the same interface is refused (the first one owns the program).
 check_fails "xdp: a second server on the same interface is refused" \
     ip netns exec "$NS_A" timeout 20 "$WRAITH_BIN/wraith-serve" --listen "$S_ADDR:7448" --key "$KEY" \
@@ -370,22 +386,8 @@ DOWN_IF=wxd0
 if ip -n "$NS_B" link add "$DOWN_IF" type veth peer name wxd1 && ip -n "$NS_B" link set "$DOWN_IF" up; then
     SERVER_PID=
     start_server_mode "down" udp
-    mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/down" "keyfile=$KEY,transport=xdp,iface=$DOWN_IF"
-    rc=$?
-    if [ "$rc" -ne 0 ] && [ "$(wc -l <"$WORK/logs/mount.err")" -eq 1 ] && grep -q "$DOWN_IF is down" "$WORK/logs/mount.err"; then
-        ok "interface down: transport=xdp exits non-zero with one line ($(cat "$WORK/logs/mount.err"))"
-    else
-        not_ok "interface down: transport=xdp exits non-zero with one line" "exit $rc: $(cat "$WORK/logs/mount.err")"
-        is_mounted "$WORK/cli/down" && unmount "$WORK/cli/down"
-    fi
-    if mount_wraith "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/down" "keyfile=$KEY,transport=auto,iface=$DOWN_IF"; then
-        check_eq "interface down: transport=auto says why in one line and falls back to UDP" 1 \
-            "$(grep -c "AF_XDP unavailable (interface $DOWN_IF is down); using UDP" "$WORK/logs/mount.err")"
-        check "interface down: read over the UDP fallback" timeout 60 cmp "$SRC/small/f1" "$WORK/cli/down/small/f1"
-        umount_ok "interface down" "$WORK/cli/down"
-    else
-        not_ok "interface down: transport=auto falls back to UDP" "$(last_line "$WORK/logs/mount.err")"
-    fi
+    xdp_refused "interface down" "$DOWN_IF" "interface $DOWN_IF is down"
+    auto_falls_back "interface down" "$DOWN_IF" "interface $DOWN_IF is down" f1
     [ -n "$SERVER_PID" ] && stop_pid "$SERVER_PID" 10
     no_xdp_left "interface down" "$NS_B" "$DOWN_IF"
     ip -n "$NS_B" link del "$DOWN_IF" 2>/dev/null

@@ -26,7 +26,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::packet::{self, Endpoints, Mac};
-use super::{DatagramIo, RecvBufs};
+use super::{bounded_insert, DatagramIo, RecvBufs};
 use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::netdev::{self, NetDev};
 use crate::sys::xdp_prog::{AttachError, Filter, XdpProgram, MAX_QUEUES};
@@ -49,8 +49,6 @@ const SEND_WAIT: Duration = Duration::from_secs(2);
 const OWNER_WAIT: Duration = Duration::from_secs(5);
 /// How long a neighbour-table answer is trusted.
 const NEIGH_TTL: Duration = Duration::from_secs(30);
-/// Peers remembered (Ethernet addresses, routes); beyond, the oldest knowledge is dropped.
-const MAX_PEERS: usize = 4096;
 /// Datagrams taken from the kernel path per receive call.
 const KERNEL_BATCH: usize = 64;
 
@@ -127,15 +125,6 @@ struct Neighbours {
     /// Source addresses of authentic datagrams that arrived over AF_XDP, used when the table has
     /// no entry (and for IPv6, whose neighbour table has no `/proc` file).
     learned: HashMap<IpAddr, Mac>,
-}
-
-/// Insert into a bounded map: when full, forget everything (rebuilt from the kernel's tables
-/// and the next frames) rather than grow without end under spoofed sources.
-fn bounded_insert<V>(m: &mut HashMap<IpAddr, V>, k: IpAddr, v: V) {
-    if m.len() >= MAX_PEERS && !m.contains_key(&k) {
-        m.clear();
-    }
-    m.insert(k, v);
 }
 
 /// An AF_XDP datagram path on one interface and UDP port.
@@ -358,14 +347,10 @@ impl XdpIo {
     /// route to `peer` uses; an ephemeral port; the next hop resolved before returning.
     pub fn open_client(opts: &XdpOptions, peer: SocketAddr) -> Result<XdpIo, XdpError> {
         let mut opts = opts.clone();
-        let any: SocketAddr = match peer {
-            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-        };
         // The source address the kernel would pick for `peer` (its rules: scope, longest
         // matching prefix, no deprecated or tentative addresses), so that both paths agree.
-        let src = UdpSocket::bind(any)
-            .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
+        let src = super::connected_socket(peer)
+            .and_then(|s| s.local_addr())
             .map_err(|e| XdpError(format!("no source address for {peer}: {e}")))?;
         if opts.iface.is_empty() {
             opts.iface = match peer.ip() {

@@ -323,13 +323,19 @@ mod prop {
     }
 }
 
+/// A receiver of `n` frames behind a mutex (as `XdpIo` keeps it), `delivered` packets waiting.
+fn shared_receiver(n: usize, delivered: u32) -> std::sync::Mutex<Receiver<MemRx>> {
+    let (ring, fr) = MemRx::new(n, 256, n, n);
+    let mut r = Receiver::new(ring, fr);
+    for i in 0..delivered {
+        assert!(r.ring.deliver(&packet(i, 50)));
+    }
+    std::sync::Mutex::new(r)
+}
+
 #[test]
 fn taken_frames_come_back_when_the_reader_panics() {
-    let (ring, fr) = MemRx::new(16, 256, 16, 16);
-    let rx = std::sync::Mutex::new(Receiver::new(ring, fr));
-    for i in 0..10 {
-        assert!(rx.lock().unwrap().ring.deliver(&packet(i, 50)));
-    }
+    let rx = shared_receiver(16, 10);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut t = Taken::new(&rx, Vec::new());
         assert_eq!(t.take(8), 8);
@@ -348,11 +354,7 @@ fn taken_frames_come_back_when_the_reader_panics() {
 
 #[test]
 fn taken_frames_come_back_and_the_vector_is_reused() {
-    let (ring, fr) = MemRx::new(16, 256, 16, 16);
-    let rx = std::sync::Mutex::new(Receiver::new(ring, fr));
-    for i in 0..5 {
-        assert!(rx.lock().unwrap().ring.deliver(&packet(i, 50)));
-    }
+    let rx = shared_receiver(16, 5);
     let mut t = Taken::new(&rx, Vec::with_capacity(32));
     assert_eq!(t.take(32), 5);
     let v = t.into_vec();
