@@ -431,19 +431,16 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
         Ok(s) => s,
         Err(m) => return fail(&mut ready, m),
     };
-    // The mount serves once the kernel can stat its root through us.
-    let mp = args.mp().to_path_buf();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(std::fs::metadata(&mp).map(|_| ()));
-    });
-    match rx.recv_timeout(o.fs.timeout + Duration::from_secs(5)) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
+    // The mount serves once the kernel can stat its root through us. Asked on a thread without
+    // /dev/fuse in its file table: one with it, waiting on our own mount, would keep a SIGKILLed
+    // daemon from ever exiting.
+    match process::stat_on_own_files(args.mp(), o.fs.timeout + Duration::from_secs(5)) {
+        Ok(Some(Ok(()))) => {}
+        Ok(Some(Err(e))) | Err(e) => {
             let _ = mounted.unmount(args.mp());
             return fail(&mut ready, format!("mounted, but the mount does not answer: {e}"));
         }
-        Err(_) => {
+        Ok(None) => {
             let _ = wraith::sys::mount::unmount(args.mp(), true);
             return fail(&mut ready, "mounted, but the mount did not answer in time".into());
         }

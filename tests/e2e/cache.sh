@@ -356,6 +356,14 @@ MC=$WORK/cli/crash
 mkdir -p "$MC"
 MOUNTS+=("$MC")
 killed=0
+stuck=0
+# exited PID: the process is gone or a zombie with no thread left (a zombie leader whose other
+# thread still waits in the kernel has not exited).
+exited() {
+    local st
+    st=$(awk '/^State:/ { s = $2 } /^Threads:/ { t = $2 } END { print s t }' "/proc/$1/status" 2>/dev/null)
+    [ -z "$st" ] || [ "$st" = Z1 ]
+}
 for ((t = 0; t < TRIALS; t++)); do
     "$WRAITH_BIN/wraith-mount" "$SPEC" "$MC" -f -o "keyfile=$KEY,cache_dir=$CRASH,cache_size=6M" \
         >>"$WORK/logs/crash-mount.log" 2>&1 </dev/null &
@@ -369,13 +377,26 @@ for ((t = 0; t < TRIALS; t++)); do
         timeout 20 cat "$MC/crash$i.bin" >/dev/null 2>&1 &
         readers+=($!)
     done
+    dev=$(mountpoint -d "$MC" 2>/dev/null)
     sleep "0.$((RANDOM % 40))"
     kill -KILL "$mpid" 2>/dev/null && killed=$((killed + 1))
+    # A killed daemon finishes exiting (bounded: one whose own thread waits on its own mount
+    # never would); if it does not, abort its FUSE connection so that the test goes on.
+    for ((i = 0; i < 100; i++)); do
+        exited "$mpid" && break
+        sleep 0.1
+    done
+    if ! exited "$mpid"; then
+        stuck=$((stuck + 1))
+        mountpoint -q /sys/fs/fuse/connections || mount -t fusectl none /sys/fs/fuse/connections
+        [ -n "$dev" ] && echo 1 >"/sys/fs/fuse/connections/${dev#*:}/abort"
+    fi
     wait "$mpid" 2>/dev/null
     timeout 10 umount -l "$MC" 2>/dev/null || timeout 10 fusermount3 -uz "$MC" 2>/dev/null
     wait "${readers[@]}" 2>/dev/null # the readers (they fail: the daemon is gone)
 done
 expect "crash: $killed clients killed with SIGKILL during fills" [ "$killed" -ge "$TRIALS" ]
+expect "crash: every killed client finished exiting within 10 s ($stuck did not)" [ "$stuck" -eq 0 ]
 if cmount crash "$MC" "cache_dir=$CRASH,cache_size=6M"; then
     # The six files (12 MiB) do not fit the 6 MiB cache: a pass in a fixed order could evict what
     # survived before reaching it. Read first a file the replayed cache says it holds.
