@@ -1,10 +1,13 @@
 //! What the disk cache holds, and what to evict. Pure: no I/O, no clock.
 //!
 //! Space is counted per chunk rounded up to the `O_DIRECT` block size (what the data files
-//! allocate). `used + reserved <= limit` always holds: a chunk is *reserved* when its write is
-//! admitted (evicting least recently used chunks to make room) and *present* only once its write
-//! completed ([`Index::commit`]). Chunks of *pinned* files (backing a passthrough open) are never
-//! evicted: the kernel reads them without asking us.
+//! allocate). `used + reserved + spare <= limit` always holds: a chunk is *reserved* when its
+//! write is admitted (evicting least recently used chunks to make room) and *present* only once its
+//! write completed ([`Index::commit`]). A *spare* slot is a chunk's blocks allocated ahead, with a
+//! run of its neighbours, before its data came ([`Index::add_spare`]; see `prealloc`): counted, so
+//! the allocation never takes the cache past its size, until the chunk is reserved into it or the
+//! writer gives the blocks back ([`Index::take_spare`]). Chunks of *pinned* files (backing a
+//! passthrough open) are never evicted: the kernel reads them without asking us.
 
 use std::collections::{HashMap, HashSet};
 
@@ -55,6 +58,8 @@ struct FileEntry {
     meta: FileMeta,
     chunks: HashMap<u64, ChunkRec>,
     reserving: HashSet<u64>,
+    /// Chunks whose blocks are allocated but hold nothing yet (spare slots).
+    spare: HashSet<u64>,
     pins: u32,
     /// Chunks verified (written from a verified chunk, or read back and verified) since start.
     verified: HashSet<u64>,
@@ -67,13 +72,15 @@ pub struct Index {
     lru: LruCache<(Root, u64), ()>,
     used: u64,
     reserved: u64,
+    /// Bytes of spare slots.
+    spare: u64,
     limit: u64,
     align: u64,
 }
 
 impl Index {
     pub fn new(limit: u64, align: u64) -> Self {
-        Index { files: HashMap::new(), lru: LruCache::unbounded(), used: 0, reserved: 0, limit, align: align.max(1) }
+        Index { files: HashMap::new(), lru: LruCache::unbounded(), used: 0, reserved: 0, spare: 0, limit, align: align.max(1) }
     }
 
     pub fn cost(&self, len: u32) -> u64 {
@@ -86,6 +93,10 @@ impl Index {
 
     pub fn reserved(&self) -> u64 {
         self.reserved
+    }
+
+    pub fn spare(&self) -> u64 {
+        self.spare
     }
 
     pub fn limit(&self) -> u64 {
@@ -125,31 +136,43 @@ impl Index {
         if cost > self.limit {
             return Admit::No(Vec::new());
         }
-        let evicted = self.make_room(cost);
-        if self.used + self.reserved + cost > self.limit {
-            return Admit::No(evicted);
-        }
+        // Reserved before room is made, so that evicting this file's last chunks cannot drop it;
+        // a spare slot's room is this chunk's (counted once, not twice).
         self.reserved += cost;
         let f = self.files.entry(*root).or_insert_with(|| FileEntry::new(meta));
         f.reserving.insert(idx);
-        // An eviction above may have emptied this very file; it is not empty any more.
-        let evicted = evicted
-            .into_iter()
-            .map(|mut e| {
-                if e.root == *root {
-                    e.file_empty = false;
+        let was_spare = f.spare.remove(&idx);
+        if was_spare {
+            self.spare -= cost;
+        }
+        let mut evicted = self.make_room(0);
+        if self.used + self.reserved + self.spare <= self.limit {
+            return Admit::Yes(evicted);
+        }
+        // No room: undo.
+        self.reserved -= cost;
+        if let Some(f) = self.files.get_mut(root) {
+            f.reserving.remove(&idx);
+            if was_spare {
+                f.spare.insert(idx);
+                self.spare += cost;
+            }
+            if f.chunks.is_empty() && f.reserving.is_empty() && f.spare.is_empty() {
+                self.files.remove(root);
+                // The data file goes with its last chunk.
+                if let Some(e) = evicted.iter_mut().rfind(|e| e.root == *root) {
+                    e.file_empty = true;
                 }
-                e
-            })
-            .collect();
-        Admit::Yes(evicted)
+            }
+        }
+        Admit::No(evicted)
     }
 
     /// Evict least recently used chunks of unpinned files until `need` more bytes fit.
     fn make_room(&mut self, need: u64) -> Vec<Evicted> {
         let mut out = Vec::new();
         let mut skipped = Vec::new();
-        while self.used + self.reserved + need > self.limit {
+        while self.used + self.reserved + self.spare + need > self.limit {
             let Some(((root, idx), ())) = self.lru.pop_lru() else { break };
             if self.files.get(&root).is_some_and(|f| f.pins > 0) {
                 skipped.push((root, idx));
@@ -174,10 +197,20 @@ impl Index {
         let meta = f.meta;
         let empty = f.chunks.is_empty() && f.reserving.is_empty();
         if empty {
-            self.files.remove(root);
+            self.drop_file(root);
         }
         self.used -= self.cost(rec.len);
         Some(Evicted { root: *root, idx, meta, file_empty: empty })
+    }
+
+    /// Forget a file that holds nothing present or reserved; its data file is deleted, spare
+    /// slots and all.
+    fn drop_file(&mut self, root: &Root) {
+        if let Some(f) = self.files.remove(root) {
+            let g = chunk::Geometry { size: f.meta.size, chunk_log2: f.meta.chunk_log2 };
+            let bytes: u64 = f.spare.iter().map(|&i| self.cost(g.chunk_len(i) as u32)).sum();
+            self.spare -= bytes;
+        }
     }
 
     /// The write of a reserved chunk completed: it is present (and verified: it was written from
@@ -205,7 +238,7 @@ impl Index {
         self.reserved -= cost;
         let empty = f.chunks.is_empty() && f.reserving.is_empty();
         if empty {
-            self.files.remove(root);
+            self.drop_file(root);
         }
         empty
     }
@@ -252,6 +285,49 @@ impl Index {
         if let Some(f) = self.files.get_mut(root) {
             f.pins = f.pins.saturating_sub(1);
         }
+    }
+
+    /// Count the chunks `idxs` of `root` that hold nothing and are not being written as spare
+    /// slots (their blocks are about to be allocated with the chunk being written), if the spare
+    /// bytes stay within `cap` and the cache within its limit; nothing is evicted for them. Returns
+    /// the slots marked (None: no room, or the file is not being written).
+    pub fn add_spare(&mut self, root: &Root, idxs: std::ops::Range<u64>, cap: u64) -> Option<Vec<u64>> {
+        let f = self.files.get(root)?;
+        let g = chunk::Geometry { size: f.meta.size, chunk_log2: f.meta.chunk_log2 };
+        let new: Vec<u64> =
+            idxs.filter(|i| *i < g.n_chunks() && !f.chunks.contains_key(i) && !f.reserving.contains(i) && !f.spare.contains(i)).collect();
+        let bytes: u64 = new.iter().map(|&i| self.cost(g.chunk_len(i) as u32)).sum();
+        if self.spare + bytes > cap || self.used + self.reserved + self.spare + bytes > self.limit {
+            return None;
+        }
+        self.spare += bytes;
+        self.files.get_mut(root)?.spare.extend(new.iter().copied());
+        Some(new)
+    }
+
+    /// Take `root`'s spare slots out of the books (those in `only`, or all): the caller releases
+    /// their blocks. Returns the file's geometry, the slots taken, and whether the file now holds
+    /// nothing (then it is forgotten: delete its data file).
+    pub fn take_spare(&mut self, root: &Root, only: Option<&[u64]>) -> Option<(FileMeta, Vec<u64>, bool)> {
+        let f = self.files.get_mut(root)?;
+        let taken: Vec<u64> = match only {
+            Some(o) => o.iter().copied().filter(|i| f.spare.remove(i)).collect(),
+            None => f.spare.drain().collect(),
+        };
+        let meta = f.meta;
+        let empty = f.chunks.is_empty() && f.reserving.is_empty() && f.spare.is_empty();
+        let g = chunk::Geometry { size: meta.size, chunk_log2: meta.chunk_log2 };
+        let bytes: u64 = taken.iter().map(|&i| self.cost(g.chunk_len(i) as u32)).sum();
+        self.spare -= bytes;
+        if empty {
+            self.files.remove(root);
+        }
+        Some((meta, taken, empty))
+    }
+
+    /// Files that have spare slots.
+    pub fn spare_files(&self) -> Vec<Root> {
+        self.files.iter().filter(|(_, f)| !f.spare.is_empty()).map(|(r, _)| *r).collect()
     }
 
     /// How many of the file's chunks are present.
@@ -309,7 +385,15 @@ impl Index {
 
 impl FileEntry {
     fn new(meta: FileMeta) -> Self {
-        FileEntry { meta, chunks: HashMap::new(), reserving: HashSet::new(), pins: 0, verified: HashSet::new(), proven: false }
+        FileEntry {
+            meta,
+            chunks: HashMap::new(),
+            reserving: HashSet::new(),
+            spare: HashSet::new(),
+            pins: 0,
+            verified: HashSet::new(),
+            proven: false,
+        }
     }
 }
 
@@ -329,6 +413,48 @@ mod tests {
             }
             other => panic!("not admitted: {other:?}"),
         }
+    }
+
+    #[test]
+    fn spare_slots_are_counted_once_and_given_back() {
+        let mut ix = Index::new(10 * 4096, 4096);
+        assert!(matches!(ix.reserve(&[1; 32], M, 0, 4096), Admit::Yes(_)));
+        // Chunk 0 is being written: the others of 0..4 become spare.
+        assert_eq!(ix.add_spare(&[1; 32], 0..4, 1 << 20), Some(vec![1, 2, 3]));
+        assert_eq!(ix.spare(), 3 * 4096);
+        assert_eq!(ix.add_spare(&[1; 32], 4..8, 4 * 4096), None, "over the cap");
+        assert_eq!(ix.add_spare(&[2; 32], 0..4, 1 << 20), None, "a file not being written");
+        // A chunk reserved into a spare slot takes its room: counted once.
+        assert!(matches!(ix.reserve(&[1; 32], M, 1, 4096), Admit::Yes(_)));
+        assert_eq!((ix.spare(), ix.reserved()), (2 * 4096, 2 * 4096));
+        ix.commit(&[1; 32], 0, rec(4096));
+        ix.commit(&[1; 32], 1, rec(4096));
+        assert_eq!((ix.used(), ix.reserved(), ix.spare()), (2 * 4096, 0, 2 * 4096));
+        assert_eq!(ix.spare_files(), vec![[1; 32]]);
+        let (_, mut slots, empty) = ix.take_spare(&[1; 32], None).unwrap();
+        slots.sort_unstable();
+        assert_eq!((slots, empty, ix.spare()), (vec![2, 3], false, 0));
+        assert!(ix.spare_files().is_empty());
+    }
+
+    #[test]
+    fn spare_room_counts_toward_the_limit_and_goes_with_the_file() {
+        let mut ix = Index::new(4 * 4096, 4096);
+        put(&mut ix, 1, 0);
+        assert!(matches!(ix.reserve(&[1; 32], M, 1, 4096), Admit::Yes(_)));
+        assert_eq!(ix.add_spare(&[1; 32], 0..4, 1 << 20), Some(vec![2, 3]));
+        ix.commit(&[1; 32], 1, rec(4096));
+        // Full: another file's chunk evicts a present chunk, never the spare room.
+        let ev = put(&mut ix, 2, 0);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ix.spare(), 2 * 4096);
+        assert!(ix.used() + ix.reserved() + ix.spare() <= ix.limit());
+        // File 1's last chunk goes: the file is dropped whole, spare slots and all.
+        let ev = put(&mut ix, 2, 1);
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].file_empty && ev[0].root == [1; 32]);
+        assert_eq!(ix.spare(), 0);
+        assert!(ix.take_spare(&[1; 32], None).is_none());
     }
 
     #[test]

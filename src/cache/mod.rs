@@ -14,6 +14,7 @@
 pub mod index;
 pub mod layout;
 pub mod meta;
+mod prealloc;
 pub mod store;
 mod writer;
 
@@ -51,6 +52,8 @@ pub struct Stats {
     pub evictions: AtomicU64,
     pub verify_failures: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Runs of blocks allocated at once for a file filled in order (see `prealloc`).
+    pub prealloc_groups: AtomicU64,
 }
 
 impl Stats {

@@ -475,8 +475,9 @@ impl Store {
 
     pub fn describe(&self) -> String {
         let (chunks, used, limit) = self.usage();
+        let spare = self.shared.index.lock().unwrap().spare();
         format!(
-            "cache_dir {}\ncache_io {}\ncache_chunks {chunks}\ncache_used_bytes {used}\ncache_limit_bytes {limit}\n",
+            "cache_dir {}\ncache_io {}\ncache_chunks {chunks}\ncache_used_bytes {used}\ncache_spare_bytes {spare}\ncache_limit_bytes {limit}\n",
             self.shared.dir.display(),
             match self.mode() {
                 Mode::Uring => "io_uring",

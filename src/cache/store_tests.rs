@@ -351,3 +351,42 @@ fn piece_values_are_stored_beside_the_data_and_survive_a_reopen() {
     assert!(s.stored_pieces(&f.root, &f.geom, 2).is_none());
     assert!(s.stored_pieces(&f.root, &f.geom, 1).is_some());
 }
+
+/// Bytes the data file of `f` holds on disk.
+fn allocated(d: &Path, f: &TestFile) -> u64 {
+    std::fs::metadata(data_path(d, &f.root)).unwrap().blocks() * 512
+}
+
+#[test]
+fn a_file_filled_in_order_is_allocated_in_groups_and_unused_room_is_given_back() {
+    let d = tempfile::tempdir().unwrap();
+    let f = TestFile::new(24 << 20, 3); // 384 chunks of 64 KiB: three 8 MiB groups
+    {
+        let s = Store::open(&cfg(d.path(), 256 << 20, false)).unwrap();
+        assert!(s.shared.direct, "the test directory takes O_DIRECT writes");
+        f.fill(&s);
+        assert!(s.stats().prealloc_groups.load(Ordering::Relaxed) >= 2, "{}", s.describe());
+        assert_eq!(allocated(d.path(), &f), 24 << 20);
+        for i in [0, 100, 383] {
+            assert_eq!(f.load(&s, i).as_deref(), Some(f.slice(i)), "chunk {i}");
+        }
+    }
+    // Only the first 20 chunks of another file: its first group is allocated whole (spare room,
+    // counted), and what holds no chunk is given back when the cache stops.
+    let g = TestFile::new(24 << 20, 4);
+    {
+        let s = Store::open(&cfg(d.path(), 256 << 20, false)).unwrap();
+        for i in 0..20 {
+            s.admit(&g.root, &g.geom, g.cv(i), &g.chunk(i));
+        }
+        s.flush();
+        assert!(s.describe().lines().any(|l| l.starts_with("cache_spare_bytes ") && l != "cache_spare_bytes 0"), "{}", s.describe());
+        assert!(allocated(d.path(), &g) >= 8 << 20);
+    }
+    assert_eq!(allocated(d.path(), &g), 20 * 65536);
+    let s = Store::open(&cfg(d.path(), 256 << 20, false)).unwrap();
+    for i in [0, 19] {
+        assert_eq!(g.load(&s, i).as_deref(), Some(g.slice(i)), "chunk {i} after reopen");
+    }
+    assert_eq!(f.load(&s, 200).as_deref(), Some(f.slice(200)));
+}

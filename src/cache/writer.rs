@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::index::{ChunkRec, Evicted, FileMeta};
 use super::layout::{hex, pieces_offset, pieces_path, Record, Root};
+use super::prealloc::{Groups, Plan};
 use super::store::{round_up, Shared};
 use super::Stats;
 use crate::chunk::{Buf, Geometry, VerifiedChunk};
@@ -66,13 +67,32 @@ struct Writer {
     /// The piece-value file written last, kept open: chunks of one file arrive in a row, and
     /// opening it per chunk was 15 % of this thread's time in a cold read.
     pcv: Option<(Root, File)>,
+    /// Files filled in order, whose blocks are allocated a group at a time.
+    groups: Groups,
+}
+
+/// Spare slots (blocks allocated ahead) the cache holds at most: an eighth of its size, and no
+/// more than a few streams' groups.
+fn spare_cap(limit: u64) -> u64 {
+    (limit / 8).min(4 * super::prealloc::GROUP)
 }
 
 pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal: File) {
-    let mut w = Writer { sh, me, journal, pending: Vec::new(), appended: 0, inflight: 0, flushes: Vec::new(), pcv: None };
+    let mut w = Writer {
+        sh,
+        me,
+        journal,
+        pending: Vec::new(),
+        appended: 0,
+        inflight: 0,
+        flushes: Vec::new(),
+        pcv: None,
+        groups: Groups::default(),
+    };
     let mut stopping = false;
     loop {
         if stopping && w.inflight == 0 {
+            w.give_back_all();
             w.flush_journal();
             return;
         }
@@ -142,7 +162,7 @@ impl Writer {
             // start without blocking, so io_uring issues it at once; a write into a hole needs
             // allocation, which io_uring hands to a worker thread that serves one file's writes
             // one at a time. Where fallocate is not supported the write allocates as before.
-            if let Err(e) = disk::allocate(&*file, g.chunk_offset(idx), padded as u64) {
+            if let Err(e) = self.allocate(&root, &g, idx, padded, &file) {
                 if no_space(&e) {
                     self.sh.write_done(rec.len);
                     self.failed(root, idx, rec, e);
@@ -163,6 +183,74 @@ impl Writer {
         );
     }
 
+    /// Allocate the blocks chunk `idx` is written to: its own, or its whole group while the
+    /// file is filled in order (see `prealloc`).
+    fn allocate(&mut self, root: &Root, g: &Geometry, idx: u64, padded: usize, file: &File) -> io::Result<()> {
+        let (plan, dropped) = self.groups.plan(root, g, idx, self.sh.align);
+        if let Some(d) = dropped {
+            self.give_back(&d, None);
+        }
+        let own = || disk::allocate(file, g.chunk_offset(idx), padded as u64);
+        match plan {
+            Plan::Done => Ok(()),
+            Plan::Chunk => own(),
+            Plan::Group { group, first, end, offset, len } => {
+                let marked = {
+                    let mut ix = self.sh.index.lock().unwrap();
+                    let cap = spare_cap(ix.limit());
+                    ix.add_spare(root, first..end, cap)
+                };
+                let Some(marked) = marked else { return own() };
+                match disk::allocate(file, offset, len) {
+                    Ok(()) => {
+                        self.groups.allocated(root, group);
+                        Stats::add(&self.sh.stats.prealloc_groups, 1);
+                        Ok(())
+                    }
+                    Err(_) => {
+                        // Some of it may be allocated: release the slots marked for it.
+                        self.give_back(root, Some(&marked));
+                        own()
+                    }
+                }
+            }
+        }
+    }
+
+    /// Release the blocks of `root`'s spare slots (those in `only`, or all): allocated ahead,
+    /// holding no chunk, not being written.
+    fn give_back(&mut self, root: &Root, only: Option<&[u64]>) {
+        self.groups.forget(root);
+        let Some((meta, slots, empty)) = self.sh.index.lock().unwrap().take_spare(root, only) else { return };
+        if empty {
+            self.delete(root);
+            return;
+        }
+        let g = geom(meta);
+        let Ok((f, _)) = self.sh.file(root, &g, false) else { return };
+        let mut slots = slots;
+        slots.sort_unstable();
+        // Runs of neighbouring slots are released with one call.
+        let mut i = 0;
+        while i < slots.len() {
+            let mut j = i + 1;
+            while j < slots.len() && slots[j] == slots[j - 1] + 1 {
+                j += 1;
+            }
+            let start = g.chunk_offset(slots[i]);
+            let end = g.chunk_offset(slots[j - 1]) + round_up(g.chunk_len(slots[j - 1]), self.sh.align as usize) as u64;
+            let _ = disk::punch_hole(&*f, start, end - start);
+            i = j;
+        }
+    }
+
+    fn give_back_all(&mut self) {
+        let files = self.sh.index.lock().unwrap().spare_files();
+        for r in files {
+            self.give_back(&r, None);
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn done(&mut self, root: Root, meta: FileMeta, idx: u64, rec: ChunkRec, padded: usize, file: &File, r: io::Result<()>) {
         // A padded tail write extends the file past its size: cut it back.
@@ -178,6 +266,7 @@ impl Writer {
             Err(e) => {
                 // Whatever reached the disk is not recorded; release it.
                 let _ = disk::punch_hole(file, geom(meta).chunk_offset(idx), padded as u64);
+                self.groups.punched(&root, &geom(meta), idx);
                 self.failed(root, idx, rec, e);
             }
         }
@@ -188,7 +277,11 @@ impl Writer {
         let mut ix = self.sh.index.lock().unwrap();
         let empty = ix.abort(&root, idx, rec.len);
         if no_space(&e) {
-            // The disk is fuller than cache_size assumed: hold what we have, evict to admit more.
+            // The disk is fuller than cache_size assumed: give back the blocks allocated ahead,
+            // hold what we have, evict to admit more.
+            drop(ix);
+            self.give_back_all();
+            let mut ix = self.sh.index.lock().unwrap();
             let used = ix.used();
             let ev = ix.set_limit(used);
             drop(ix);
@@ -220,6 +313,7 @@ impl Writer {
         if let Ok((f, _)) = self.sh.file(&e.root, &g, false) {
             let _ = disk::punch_hole(&*f, g.chunk_offset(e.idx), round_up(g.chunk_len(e.idx), self.sh.align as usize) as u64);
         }
+        self.groups.punched(&e.root, &g, e.idx);
         self.pending.extend_from_slice(&Record::Absent { root: e.root, idx: e.idx }.encode());
     }
 
@@ -251,6 +345,7 @@ impl Writer {
     }
 
     fn delete(&mut self, root: &Root) {
+        self.groups.forget(root);
         self.sh.forget_fd(root);
         if self.pcv.as_ref().is_some_and(|(r, _)| r == root) {
             self.pcv = None;

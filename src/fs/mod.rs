@@ -662,6 +662,7 @@ impl Fs {
                 let _ = writeln!(s, "cache_evictions {}", g(&st.evictions));
                 let _ = writeln!(s, "cache_verify_failures {}", g(&st.verify_failures));
                 let _ = writeln!(s, "cache_write_errors {}", g(&st.write_errors));
+                let _ = writeln!(s, "cache_prealloc_groups {}", g(&st.prealloc_groups));
                 let io = d.io_stats();
                 let _ = writeln!(s, "cache_uring_sqes {}", io.sqes);
                 let _ = writeln!(s, "cache_uring_enters {}", io.enters);

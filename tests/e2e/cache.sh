@@ -152,6 +152,8 @@ if cmount "stream: cold" "$M" "$SOPTS"; then
     drop_caches
     check "stream: ${STREAM_MIB} MiB read cold with dd" timeout 300 dd if="$M/stream.bin" of=/dev/null bs=1M status=none
     expect "stream: every chunk was admitted to the cache" eq "$(stat_of "$M" cache_not_admitted)" 0
+    expect "stream: the data file was allocated a group (8 MiB) at a time" gt "$(stat_of "$M" cache_prealloc_groups)" $((STREAM_MIB / 16))
+    expect "stream: no room is held ahead once the whole file is in" eq "$(stat_of "$M" cache_spare_bytes)" 0
     umount_ok "stream: cold" "$M"
 fi
 drop_caches
