@@ -325,6 +325,11 @@ impl Index {
         Some((meta, taken, empty))
     }
 
+    #[cfg(test)]
+    fn spare_slots(&self) -> usize {
+        self.files.values().map(|f| f.spare.len()).sum()
+    }
+
     /// Files that have spare slots.
     pub fn spare_files(&self) -> Vec<Root> {
         self.files.iter().filter(|(_, f)| !f.spare.is_empty()).map(|(r, _)| *r).collect()
@@ -458,6 +463,31 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_reservation_undoes_itself() {
+        // Everything but file 1's one chunk is pinned: file 2's chunk evicts it and still does
+        // not fit; file 1's data file goes (file_empty), file 2 is not left behind.
+        let mut ix = Index::new(3 * 4096, 4096);
+        put(&mut ix, 2, 0);
+        put(&mut ix, 2, 1);
+        ix.pin(&[2; 32]);
+        put(&mut ix, 1, 0);
+        let big = FileMeta { size: 3 * 4096, chunk_log2: 13 }; // 8 KiB chunks
+        match ix.reserve(&[3; 32], big, 0, 8192) {
+            Admit::No(ev) => {
+                assert_eq!(ev.len(), 1);
+                assert!(ev[0].root == [1; 32] && ev[0].file_empty);
+            }
+            other => panic!("admitted: {other:?}"),
+        }
+        assert_eq!((ix.used(), ix.reserved(), ix.spare()), (2 * 4096, 0, 0));
+        assert!(ix.meta(&[3; 32]).is_none() && ix.meta(&[1; 32]).is_none());
+        // A spare slot stays spare when its chunk cannot be reserved.
+        ix.unpin(&[2; 32]);
+        assert!(matches!(ix.reserve(&[2; 32], M, 2, 4096), Admit::Yes(_)));
+        assert_eq!(ix.add_spare(&[2; 32], 3..4, 1 << 20), None, "full");
+    }
+
+    #[test]
     fn lru_order_and_bound() {
         let mut ix = Index::new(3 * 4096, 4096);
         for i in 0..3 {
@@ -552,7 +582,7 @@ mod tests {
         let mut inflight: Vec<(u8, u64, u32)> = Vec::new();
         for _ in 0..20_000 {
             let (r, i) = (rng.gen_range(0..8u8), rng.gen_range(0..10u64));
-            match rng.gen_range(0..5) {
+            match rng.gen_range(0..7) {
                 0 | 1 => {
                     let len = rng.gen_range(1..=4096);
                     if let Admit::Yes(_) = ix.reserve(&[r; 32], M, i, len) {
@@ -570,11 +600,20 @@ mod tests {
                 3 => {
                     ix.remove(&[r; 32], i);
                 }
+                4 => {
+                    ix.add_spare(&[r; 32], i..i + 4, 8 * 4096);
+                }
+                5 => {
+                    let only = [i, i + 1];
+                    ix.take_spare(&[r; 32], rng.gen_bool(0.5).then_some(&only[..]));
+                }
                 _ => {
                     ix.lookup(&[r; 32], i);
                 }
             }
-            assert!(ix.used() + ix.reserved() <= ix.limit());
+            assert!(ix.used() + ix.reserved() + ix.spare() <= ix.limit());
+            assert!(ix.spare() <= 8 * 4096);
+            assert_eq!(ix.spare_slots() as u64 * 4096, ix.spare());
             let sum: u64 = ix.files().map(|(_, _, c)| c.iter().map(|(_, r)| ix.cost(r.len)).sum::<u64>()).sum();
             assert_eq!(sum, ix.used());
             assert_eq!(ix.chunks() as u64 * 4096, ix.used());

@@ -6,7 +6,8 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::time::Duration;
 use std::sync::Arc;
 
 use super::index::{ChunkRec, Evicted, FileMeta};
@@ -71,6 +72,9 @@ struct Writer {
     groups: Groups,
 }
 
+/// How long the writer waits without work before it gives back the room it allocated ahead.
+const IDLE_GIVE_BACK: Duration = Duration::from_secs(2);
+
 /// Spare slots (blocks allocated ahead) the cache holds at most: an eighth of its size, and no
 /// more than a few streams' groups.
 fn spare_cap(limit: u64) -> u64 {
@@ -97,9 +101,15 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
             return;
         }
         let msg = if w.pending.is_empty() && w.flushes.is_empty() {
-            match rx.recv() {
+            // Room allocated ahead is not held by an idle writer: a stream that stopped (a file
+            // read in part) gives it back after a while without writes.
+            match rx.recv_timeout(IDLE_GIVE_BACK) {
                 Ok(m) => m,
-                Err(_) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    w.give_back_all();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         } else {
             match rx.try_recv() {
@@ -164,6 +174,9 @@ impl Writer {
             // one at a time. Where fallocate is not supported the write allocates as before.
             if let Err(e) = self.allocate(&root, &g, idx, padded, &file) {
                 if no_space(&e) {
+                    // Part of it may be allocated: release it, it will not be recorded.
+                    let _ = disk::punch_hole(&*file, g.chunk_offset(idx), padded as u64);
+                    self.groups.punched(&root, &g, idx);
                     self.sh.write_done(rec.len);
                     self.failed(root, idx, rec, e);
                     return;
@@ -226,6 +239,9 @@ impl Writer {
             self.delete(root);
             return;
         }
+        if slots.is_empty() {
+            return;
+        }
         let g = geom(meta);
         let Ok((f, _)) = self.sh.file(root, &g, false) else { return };
         let mut slots = slots;
@@ -245,7 +261,13 @@ impl Writer {
     }
 
     fn give_back_all(&mut self) {
-        let files = self.sh.index.lock().unwrap().spare_files();
+        let files = {
+            let ix = self.sh.index.lock().unwrap();
+            if ix.spare() == 0 {
+                return;
+            }
+            ix.spare_files()
+        };
         for r in files {
             self.give_back(&r, None);
         }
