@@ -307,7 +307,12 @@ fn setup(args: &Args) -> Result<(Arc<Fs>, Opts), String> {
     let disk = open_cache(&o, remote, &addr);
     // What this mount learns about names is kept beside the chunks, for a mount made offline.
     attach_cfg.meta_file = disk.as_ref().map(|d| cache::meta::path_for(d.dir(), &format!("{addr}|{remote}")));
-    let fs = Fs::attach_with_cache(attach_cfg, net, disk).map_err(|e| explain(&e, remote, &addr.to_string(), &o))?;
+    let probe = net.contact_probe();
+    let fs = Fs::attach_with_cache(attach_cfg, net, disk).map_err(|e| match e {
+        Error::RemoteTimeout => format!("{} [{}]", explain(&e, remote, &addr.to_string(), &o), probe.describe()),
+        e => explain(&e, remote, &addr.to_string(), &o),
+    })?;
+    drop(probe);
     if fs.started_offline() {
         let msg = format!(
             "server {addr} did not answer within {:.0?}; mounted from the disk cache's last known state: \

@@ -214,6 +214,12 @@ impl ClientTransport {
         self.io.describe_stats()
     }
 
+    /// What came back from the server so far, readable after the transport is gone (for the
+    /// message of a failed first contact). Holding it keeps the receive threads running.
+    pub fn contact_probe(&self) -> ContactProbe {
+        ContactProbe(self.shared.clone())
+    }
+
     pub fn stats(&self) -> TransportStats {
         let s = self.shared.lock().unwrap();
         let c = &s.client;
@@ -225,6 +231,24 @@ impl ClientTransport {
             handshakes: c.stats.handshakes,
             datagrams_in: c.stats.datagrams_in,
             datagrams_out: c.stats.datagrams_out,
+        }
+    }
+}
+
+/// See [`ClientTransport::contact_probe`].
+pub struct ContactProbe(Arc<Mutex<Shared>>);
+
+impl ContactProbe {
+    /// How far the first contact got, for a person.
+    pub fn describe(&self) -> String {
+        let s = self.0.lock().unwrap();
+        let st = &s.client.stats;
+        if s.connected_once {
+            format!("the handshake succeeded ({} datagrams came back), then the request went unanswered", st.datagrams_in)
+        } else if st.datagrams_in == 0 {
+            format!("{} datagrams sent, nothing came back", st.datagrams_out)
+        } else {
+            format!("{} datagrams sent, {} came back, none completed the handshake", st.datagrams_out, st.datagrams_in)
         }
     }
 }
