@@ -23,8 +23,12 @@ pub struct FileMeta {
 }
 
 impl FileMeta {
+    pub fn geom(&self) -> chunk::Geometry {
+        chunk::Geometry { size: self.size, chunk_log2: self.chunk_log2 }
+    }
+
     pub fn n_chunks(&self) -> u64 {
-        chunk::Geometry { size: self.size, chunk_log2: self.chunk_log2 }.n_chunks()
+        self.geom().n_chunks()
     }
 }
 
@@ -207,10 +211,14 @@ impl Index {
     /// slots and all.
     fn drop_file(&mut self, root: &Root) {
         if let Some(f) = self.files.remove(root) {
-            let g = chunk::Geometry { size: f.meta.size, chunk_log2: f.meta.chunk_log2 };
-            let bytes: u64 = f.spare.iter().map(|&i| self.cost(g.chunk_len(i) as u32)).sum();
-            self.spare -= bytes;
+            self.spare -= self.slots_cost(f.meta, f.spare.iter().copied());
         }
+    }
+
+    /// Room the chunk slots `idxs` of a file take.
+    fn slots_cost(&self, meta: FileMeta, idxs: impl Iterator<Item = u64>) -> u64 {
+        let g = meta.geom();
+        idxs.map(|i| self.cost(g.chunk_len(i) as u32)).sum()
     }
 
     /// The write of a reserved chunk completed: it is present (and verified: it was written from
@@ -293,10 +301,10 @@ impl Index {
     /// the slots marked (None: no room, or the file is not being written).
     pub fn add_spare(&mut self, root: &Root, idxs: std::ops::Range<u64>, cap: u64) -> Option<Vec<u64>> {
         let f = self.files.get(root)?;
-        let g = chunk::Geometry { size: f.meta.size, chunk_log2: f.meta.chunk_log2 };
+        let n = f.meta.n_chunks();
         let new: Vec<u64> =
-            idxs.filter(|i| *i < g.n_chunks() && !f.chunks.contains_key(i) && !f.reserving.contains(i) && !f.spare.contains(i)).collect();
-        let bytes: u64 = new.iter().map(|&i| self.cost(g.chunk_len(i) as u32)).sum();
+            idxs.filter(|i| *i < n && !f.chunks.contains_key(i) && !f.reserving.contains(i) && !f.spare.contains(i)).collect();
+        let bytes = self.slots_cost(f.meta, new.iter().copied());
         if self.spare + bytes > cap || self.used + self.reserved + self.spare + bytes > self.limit {
             return None;
         }
@@ -316,9 +324,7 @@ impl Index {
         };
         let meta = f.meta;
         let empty = f.chunks.is_empty() && f.reserving.is_empty() && f.spare.is_empty();
-        let g = chunk::Geometry { size: meta.size, chunk_log2: meta.chunk_log2 };
-        let bytes: u64 = taken.iter().map(|&i| self.cost(g.chunk_len(i) as u32)).sum();
-        self.spare -= bytes;
+        self.spare -= self.slots_cost(meta, taken.iter().copied());
         if empty {
             self.files.remove(root);
         }
@@ -464,8 +470,8 @@ mod tests {
 
     #[test]
     fn a_refused_reservation_undoes_itself() {
-        // Everything but file 1's one chunk is pinned: file 2's chunk evicts it and still does
-        // not fit; file 1's data file goes (file_empty), file 2 is not left behind.
+        // Everything but file 1's one chunk is pinned: file 3's chunk evicts it and still does
+        // not fit; file 1's data file goes (file_empty), file 3 is not left behind.
         let mut ix = Index::new(3 * 4096, 4096);
         put(&mut ix, 2, 0);
         put(&mut ix, 2, 1);

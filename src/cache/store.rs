@@ -643,7 +643,7 @@ fn reconcile(dir: &Path, ix: &mut Index, evicted: &[Evicted]) {
         if e.file_empty {
             remove_version(dir, &e.root);
         } else if let Ok(f) = OpenOptions::new().write(true).open(data_path(dir, &e.root)) {
-            let g = Geometry { size: e.meta.size, chunk_log2: e.meta.chunk_log2 };
+            let g = e.meta.geom();
             let _ = disk::punch_hole(&f, g.chunk_offset(e.idx), g.chunk_size());
         }
     }
@@ -660,7 +660,7 @@ fn release_unrecorded(path: &Path, ix: &mut Index, root: &Root, meta: FileMeta) 
     if m.blocks() * 512 <= expected + (1 << 20) {
         return;
     }
-    let g = Geometry { size: meta.size, chunk_log2: meta.chunk_log2 };
+    let g = meta.geom();
     let present: HashSet<u64> = present.into_iter().collect();
     for i in (0..g.n_chunks()).filter(|i| !present.contains(i)) {
         let _ = disk::punch_hole(&f, g.chunk_offset(i), g.chunk_size());

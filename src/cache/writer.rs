@@ -1,6 +1,7 @@
 //! The cache's writer thread: writes admitted chunks through the io_uring thread, records a chunk
 //! in the journal and the index only after its write completed, releases evicted and damaged
-//! chunks (hole punch, or delete a file left empty), and compacts the journal when it grows.
+//! chunks (hole punch, or delete a file left empty), allocates blocks ahead for files filled in
+//! order and gives back what they did not use (`prealloc`), and compacts the journal when it grows.
 //! One thread owns the journal, so records are appended in one order.
 
 use std::fs::File;
@@ -47,10 +48,6 @@ impl AsRef<Buf> for ChunkBytes {
     fn as_ref(&self) -> &Buf {
         self.0.buf()
     }
-}
-
-fn geom(meta: FileMeta) -> Geometry {
-    Geometry { size: meta.size, chunk_log2: meta.chunk_log2 }
 }
 
 fn no_space(e: &io::Error) -> bool {
@@ -156,7 +153,7 @@ impl Writer {
     }
 
     fn write(&mut self, root: Root, meta: FileMeta, idx: u64, rec: ChunkRec, chunk: VerifiedChunk) {
-        let g = geom(meta);
+        let g = meta.geom();
         let (file, direct) = match self.sh.file(&root, &g, true) {
             Ok(f) => f,
             Err(e) => {
@@ -242,7 +239,7 @@ impl Writer {
         if slots.is_empty() {
             return;
         }
-        let g = geom(meta);
+        let g = meta.geom();
         let Ok((f, _)) = self.sh.file(root, &g, false) else { return };
         let mut slots = slots;
         slots.sort_unstable();
@@ -287,8 +284,8 @@ impl Writer {
             }
             Err(e) => {
                 // Whatever reached the disk is not recorded; release it.
-                let _ = disk::punch_hole(file, geom(meta).chunk_offset(idx), padded as u64);
-                self.groups.punched(&root, &geom(meta), idx);
+                let _ = disk::punch_hole(file, meta.geom().chunk_offset(idx), padded as u64);
+                self.groups.punched(&root, &meta.geom(), idx);
                 self.failed(root, idx, rec, e);
             }
         }
@@ -331,7 +328,7 @@ impl Writer {
             self.delete(&e.root);
             return;
         }
-        let g = geom(e.meta);
+        let g = e.meta.geom();
         if let Ok((f, _)) = self.sh.file(&e.root, &g, false) {
             let _ = disk::punch_hole(&*f, g.chunk_offset(e.idx), round_up(g.chunk_len(e.idx), self.sh.align as usize) as u64);
         }
