@@ -144,6 +144,17 @@ combo() {
     no_xdp_left "$name: after umount" "$NS_B" "$C_IF"
 }
 
+# all_over_xdp NAME MNT: the mount sent every datagram over AF_XDP, none through the kernel path
+# (it knew the server's next hop and its Ethernet address from its first datagram on).
+all_over_xdp() {
+    local st viak viax
+    st=$(timeout 10 "$WRAITH_BIN/wraith-mount" --stats "$2")
+    viak=$(awk '$1 == "xdp_tx_through_kernel" { print $2 }' <<<"$st")
+    viax=$(awk '$1 == "xdp_tx_frames" { print $2 }' <<<"$st")
+    check "$1: every datagram went over AF_XDP ($viax), none through the kernel ($viak)" \
+        test "${viak:-1}" -eq 0 -a "${viax:-0}" -gt 100
+}
+
 # udp_other_check NAME: another program's UDP socket on wraith's port, at another address of the
 # server's interface, gets its datagrams while wraith runs AF_XDP (the filter takes only
 # wraith's address and port).
@@ -215,8 +226,9 @@ for smode in udp xdp; do
 done
 
 # --- IPv6: AF_XDP server on an IPv6 address, AF_XDP and UDP clients -----------------------------
-# No /proc file lists IPv6 neighbours: the client's first datagrams go through the kernel (which
-# does neighbour discovery) and the server's answer over AF_XDP teaches the client its address.
+# The client asks the kernel to resolve the server's address (neighbour discovery, which the
+# filter passes) before its first datagram and reads it from the neighbour table (rtnetlink), so
+# every datagram it sends goes over AF_XDP.
 if SERVE_ADDR=$S_ADDR6 start_server_mode v6-xdp-server xdp; then
     pid=$SERVER_PID
     for cmode in xdp udp; do
@@ -225,20 +237,14 @@ if SERVE_ADDR=$S_ADDR6 start_server_mode v6-xdp-server xdp; then
         if mount_ok "$name" "$NS_B" "[$S_ADDR6]:$PORT:/tree" "$mnt" "keyfile=$KEY,transport=$cmode,iface=$C_IF"; then
             [ "$cmode" = xdp ] && check "$name: client runs AF_XDP on $C_IF" xdp_attached "$NS_B" "$C_IF"
             read_check "$name" "$mnt"
-            if [ "$cmode" = xdp ]; then
-                st=$(timeout 10 "$WRAITH_BIN/wraith-mount" --stats "$mnt")
-                viak=$(awk '$1 == "xdp_tx_through_kernel" { print $2 }' <<<"$st")
-                viax=$(awk '$1 == "xdp_tx_frames" { print $2 }' <<<"$st")
-                check "$name: the first datagrams went through the kernel ($viak), the rest over AF_XDP ($viax)" \
-                    test "${viak:-0}" -ge 1 -a "${viax:-0}" -gt "${viak:-0}"
-            fi
+            [ "$cmode" = xdp ] && all_over_xdp "$name" "$mnt"
             umount_ok "$name" "$mnt"
         fi
     done
     stop_pid "$pid" 10
-    # The handshake answer to each client goes through the kernel (a HELLO can be replayed, so
-    # its source address is not learned; the IPv6 neighbour table is not readable), the rest
-    # over AF_XDP.
+    # A handshake answer goes through the kernel only if the server's neighbour table has no
+    # entry for the client yet (a HELLO can be replayed, so its source address is not learned);
+    # the rest goes over AF_XDP.
     totals=$(grep -o 'tx=[0-9]* .*tx_through_kernel=[0-9]*' "$WORK/logs/serve-v6-xdp-server.log" | tail -1)
     viax=$(sed -n 's/^tx=\([0-9]*\) .*/\1/p' <<<"$totals")
     viak=$(sed -n 's/.*tx_through_kernel=\([0-9]*\)/\1/p' <<<"$totals")
@@ -246,6 +252,37 @@ if SERVE_ADDR=$S_ADDR6 start_server_mode v6-xdp-server xdp; then
         test "${viak:-99}" -le 2 -a "${viax:-0}" -gt 1000
     no_xdp_left "v6 xdp server: after SIGTERM" "$NS_A" "$S_IF"
 fi
+
+# --- policy routing: the route to the server is in a table of its own ----------------------------
+# The client's main table has no route to $PR_ADDR (an address of the server's interface); a rule
+# sends it to table 100, which routes it via $S_ADDR. The client asks the kernel for the route
+# (rtnetlink, like `ip route get`), so it follows the rule: it picks the interface itself (no
+# iface= option) and sends to the gateway's Ethernet address.
+PR_ADDR=10.77.9.1
+if ip -n "$NS_A" addr add "$PR_ADDR/32" dev "$S_IF" &&
+    ip -n "$NS_B" route add "$PR_ADDR/32" via "$S_ADDR" dev "$C_IF" table 100 &&
+    ip -n "$NS_B" rule add to "$PR_ADDR" lookup 100 pref 100; then
+    check "policy routing: the client's main table has no route to $PR_ADDR" \
+        bash -c "! ip -n '$NS_B' route show table main | grep -q '$PR_ADDR'"
+    if SERVE_ADDR=$PR_ADDR start_server_mode policy-xdp-server xdp; then
+        pid=$SERVER_PID
+        name="policy routing, xdp client"
+        mnt=$WORK/cli/policy
+        if mount_ok "$name" "$NS_B" "$PR_ADDR:$PORT:/tree" "$mnt" "keyfile=$KEY,transport=xdp"; then
+            check "$name: client runs AF_XDP on $C_IF, the interface of table 100's route" xdp_attached "$NS_B" "$C_IF"
+            check "$name: cmp of a small file" timeout 60 cmp "$SRC/small/f3" "$mnt/small/f3"
+            check "$name: cmp big.bin" timeout 300 cmp "$SRC/big.bin" "$mnt/big.bin"
+            all_over_xdp "$name" "$mnt"
+            umount_ok "$name" "$mnt"
+        fi
+        stop_pid "$pid" 10
+        no_xdp_left "policy routing: after SIGTERM" "$NS_A" "$S_IF"
+    fi
+else
+    not_ok "policy routing: set up" "ip addr/route/rule failed"
+fi
+ip -n "$NS_B" rule del to "$PR_ADDR" lookup 100 pref 100 2>/dev/null
+ip -n "$NS_A" addr del "$PR_ADDR/32" dev "$S_IF" 2>/dev/null
 
 # --- the default listen address: both families; the kernel path ---------------------------------
 # `wraith-serve --xdp IFACE` without --listen listens on [::]:7447, which on the UDP path is a

@@ -15,6 +15,7 @@
 pub mod blast;
 pub mod neigh;
 pub mod rings;
+pub mod rtnl;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -122,8 +123,8 @@ enum Route {
 struct Neighbours {
     /// What the kernel's tables said, with when they were read.
     table: HashMap<IpAddr, (Route, Instant)>,
-    /// Source addresses of authentic datagrams that arrived over AF_XDP, used when the table has
-    /// no entry (and for IPv6, whose neighbour table has no `/proc` file).
+    /// Source addresses of authentic datagrams that arrived over AF_XDP, used before the table
+    /// (they are what answered last).
     learned: HashMap<IpAddr, Mac>,
 }
 
@@ -353,11 +354,8 @@ impl XdpIo {
             .and_then(|s| s.local_addr())
             .map_err(|e| XdpError(format!("no source address for {peer}: {e}")))?;
         if opts.iface.is_empty() {
-            opts.iface = match peer.ip() {
-                IpAddr::V4(a) => neigh::next_hop(a, None).map(|h| h.1),
-                IpAddr::V6(a) => neigh::next_hop6(a, None).map(|h| h.1),
-            }
-            .map_err(|e| XdpError(e.to_string()))?;
+            let (_, oif) = neigh::next_hop(peer.ip(), None).map_err(|e| XdpError(e.to_string()))?;
+            opts.iface = netdev::ifname(oif).map_err(|e| XdpError(format!("the route to {peer} leaves through interface #{oif}: {e}")))?;
         }
         let io = XdpIo::open(&opts, SocketAddr::new(src.ip(), 0))?;
         io.resolve_peer(peer, Duration::from_secs(3))?;
@@ -370,19 +368,10 @@ impl XdpIo {
         if self.source_for(peer).is_none() {
             return Err(XdpError(format!("{peer} is of an IP version this AF_XDP socket ({}) does not serve", self.local_addr().ip())));
         }
-        match peer.ip() {
-            IpAddr::V4(p) => {
-                let (hop, _) = neigh::next_hop(p, Some(&self.dev.name)).map_err(|e| XdpError(e.to_string()))?;
-                let mac = neigh::resolve(hop, &self.dev.name, wait).map_err(|e| XdpError(e.to_string()))?;
-                let mut n = self.neigh.lock().unwrap();
-                bounded_insert(&mut n.table, peer.ip(), (Route::OnLink(Some(mac)), Instant::now()));
-            }
-            // No neighbour table to read: check the route; the first datagrams go through the
-            // kernel, which resolves the next hop, and the answer teaches us its address.
-            IpAddr::V6(p) => {
-                neigh::next_hop6(p, Some(&self.dev.name)).map_err(|e| XdpError(e.to_string()))?;
-            }
-        }
+        let (hop, _) = neigh::next_hop(peer.ip(), Some(self.dev.index)).map_err(|e| XdpError(e.to_string()))?;
+        let mac = neigh::resolve(hop, self.dev.index, wait).map_err(|e| XdpError(e.to_string()))?;
+        let mut n = self.neigh.lock().unwrap();
+        bounded_insert(&mut n.table, peer.ip(), (Route::OnLink(Some(mac)), Instant::now()));
         Ok(())
     }
 
@@ -394,17 +383,11 @@ impl XdpIo {
         let route = match cached {
             Some((r, t)) if t.elapsed() < NEIGH_TTL => r,
             _ => {
-                let dev = self.dev.name.as_str();
-                let mut r = match ip {
-                    IpAddr::V4(a) => match neigh::next_hop(a, Some(dev)) {
-                        Ok((hop, _)) => Route::OnLink(neigh::cached_mac(hop, dev).ok().flatten()),
-                        Err(neigh::NeighError::NoRoute { .. }) => Route::Elsewhere,
-                        Err(_) => Route::OnLink(None),
-                    },
-                    IpAddr::V6(a) => match neigh::next_hop6(a, Some(dev)) {
-                        Err(neigh::NeighError::NoRoute { .. }) => Route::Elsewhere,
-                        _ => Route::OnLink(None),
-                    },
+                let dev = self.dev.index;
+                let mut r = match neigh::next_hop(ip, Some(dev)) {
+                    Ok((hop, _)) => Route::OnLink(neigh::cached_mac(hop, dev).ok().flatten()),
+                    Err(neigh::NeighError::NoRoute { .. }) => Route::Elsewhere,
+                    Err(_) => Route::OnLink(None),
                 };
                 // The kernel dropped its entry (our frames bypass it, so it is not refreshed):
                 // the last answer is still the best.

@@ -1,0 +1,213 @@
+//! Questions to the kernel's routing subsystem over rtnetlink (`netlink-packet-route` builds and
+//! parses the messages, `netlink-sys` carries them): which route a packet to an address takes —
+//! the kernel's own decision, rules and every table included, like `ip route get` — and what
+//! the neighbour table (ARP, IPv6 neighbour discovery) holds. Each question has a deadline.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use crate::sys::netdev::poll_any_readable;
+use crate::transport::packet::Mac;
+
+/// The kernel answers these at once; a deadline all the same.
+const WAIT: Duration = Duration::from_secs(2);
+
+/// Where the kernel sends a packet for some address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelRoute {
+    /// Interface index it leaves through.
+    pub oif: u32,
+    /// The gateway, when the destination is not on the link.
+    pub gateway: Option<IpAddr>,
+}
+
+fn family(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+/// Send one request and collect the answers: one message, or a dump's messages up to its end.
+fn ask(msg: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    sock.set_non_blocking(true)?;
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+    hdr.sequence_number = 1;
+    let mut req = NetlinkMessage::new(hdr, NetlinkPayload::from(msg));
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    sock.send(&buf, 0)?;
+    let deadline = Instant::now() + WAIT;
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !poll_any_readable(&[sock.as_fd()], left)? {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the kernel did not answer an rtnetlink request"));
+        }
+        let (data, _) = match sock.recv_from_full() {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut at = 0;
+        while at < data.len() {
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[at..])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink answer: {e}")))?;
+            let len = m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                NetlinkPayload::Error(_) => return Ok(out), // an acknowledgement
+                NetlinkPayload::InnerMessage(m) => {
+                    out.push(m);
+                    if !dump {
+                        return Ok(out);
+                    }
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            at += len;
+        }
+    }
+}
+
+/// The route the kernel takes for a packet to `dst`, or None when it would not send one out of
+/// an interface (no route; an unreachable, prohibit or blackhole route; a local address).
+pub fn route_get(dst: IpAddr) -> io::Result<Option<KernelRoute>> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = family(dst);
+    m.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    let answers = match ask(RouteNetlinkMessage::GetRoute(m), false) {
+        Ok(a) => a,
+        // What `ip route get` reports for the reject routes and for no route at all.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL | libc::EPERM | libc::ESRCH)
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(answers.into_iter().find_map(|a| match a {
+        RouteNetlinkMessage::NewRoute(r) => route_of(&r),
+        _ => None,
+    }))
+}
+
+/// The interface and gateway of a route the kernel returned; None unless it is unicast.
+fn route_of(r: &RouteMessage) -> Option<KernelRoute> {
+    if r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut oif = None;
+    let mut gateway = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+            _ => {}
+        }
+    }
+    Some(KernelRoute { oif: oif?, gateway })
+}
+
+/// The Ethernet address the kernel's neighbour table holds for `ip` on interface `ifindex`, if
+/// the entry is usable (reachable, stale, being confirmed, or permanent).
+pub fn neighbour(ip: IpAddr, ifindex: u32) -> io::Result<Option<Mac>> {
+    let mut m = NeighbourMessage::default();
+    m.header.family = family(ip);
+    let answers = ask(RouteNetlinkMessage::GetNeighbour(m), true)?;
+    Ok(answers.iter().find_map(|a| match a {
+        RouteNetlinkMessage::NewNeighbour(n) => usable_mac(n, ip, ifindex),
+        _ => None,
+    }))
+}
+
+fn usable_mac(n: &NeighbourMessage, ip: IpAddr, ifindex: u32) -> Option<Mac> {
+    use NeighbourState as S;
+    if n.header.ifindex != ifindex || !matches!(n.header.state, S::Reachable | S::Stale | S::Delay | S::Probe | S::Permanent) {
+        return None;
+    }
+    let mut dst = None;
+    let mut mac = None;
+    for a in &n.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => dst = Some(IpAddr::V4(*d)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)) => dst = Some(IpAddr::V6(*d)),
+            NeighbourAttribute::LinkLayerAddress(l) => mac = <Mac>::try_from(l.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    (dst == Some(ip)).then_some(mac?).filter(|m| *m != [0; 6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// The loopback interface's index, from sysfs.
+    fn lo_index() -> u32 {
+        std::fs::read_to_string("/sys/class/net/lo/ifindex").unwrap().trim().parse().unwrap()
+    }
+
+    #[test]
+    fn a_unicast_route_names_its_interface_and_gateway() {
+        let mut r = RouteMessage::default();
+        r.header.kind = RouteType::Unicast;
+        r.attributes.push(RouteAttribute::Oif(7));
+        assert_eq!(route_of(&r), Some(KernelRoute { oif: 7, gateway: None }));
+        r.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(10, 0, 0, 1))));
+        assert_eq!(route_of(&r), Some(KernelRoute { oif: 7, gateway: Some(Ipv4Addr::new(10, 0, 0, 1).into()) }));
+        r.header.kind = RouteType::Unreachable;
+        assert_eq!(route_of(&r), None, "a reject route carries nothing");
+        r.header.kind = RouteType::Unicast;
+        r.attributes.retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+        assert_eq!(route_of(&r), None, "no interface, no route");
+    }
+
+    #[test]
+    fn only_usable_neighbour_entries_give_an_address() {
+        let ip: IpAddr = "fd00::2".parse::<Ipv6Addr>().unwrap().into();
+        let mut n = NeighbourMessage::default();
+        n.header.ifindex = 3;
+        n.header.state = NeighbourState::Reachable;
+        n.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet6("fd00::2".parse().unwrap())));
+        n.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, 9]));
+        assert_eq!(usable_mac(&n, ip, 3), Some([2, 0, 0, 0, 0, 9]));
+        assert_eq!(usable_mac(&n, ip, 4), None, "another interface");
+        assert_eq!(usable_mac(&n, "fd00::3".parse().unwrap(), 3), None, "another address");
+        n.header.state = NeighbourState::Incomplete;
+        assert_eq!(usable_mac(&n, ip, 3), None, "not resolved yet");
+        n.header.state = NeighbourState::Failed;
+        assert_eq!(usable_mac(&n, ip, 3), None, "resolution failed");
+    }
+
+    #[test]
+    fn the_neighbour_table_can_be_read() {
+        // Whatever it holds; the question must get an answer (an empty dump included).
+        neighbour(IpAddr::V4(Ipv4Addr::LOCALHOST), lo_index()).unwrap();
+        neighbour(IpAddr::V6(Ipv6Addr::LOCALHOST), lo_index()).unwrap();
+    }
+}
