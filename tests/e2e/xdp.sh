@@ -152,7 +152,18 @@ all_over_xdp() {
     viak=$(awk '$1 == "xdp_tx_through_kernel" { print $2 }' <<<"$st")
     viax=$(awk '$1 == "xdp_tx_frames" { print $2 }' <<<"$st")
     check "$1: every datagram went over AF_XDP ($viax), none through the kernel ($viak)" \
-        test "${viak:-1}" -eq 0 -a "${viax:-0}" -gt 100
+        test "${viak:-1}" -eq 0 -a "${viax:-0}" -gt 10
+}
+
+# server_sent_over_xdp NAME LOG: the server that wrote LOG (stopped) sent its datagrams over
+# AF_XDP, at most the two handshake answers through its kernel socket.
+server_sent_over_xdp() {
+    local totals viax viak
+    totals=$(grep -o 'tx=[0-9]* .*tx_through_kernel=[0-9]*' "$2" | tail -1)
+    viax=$(sed -n 's/^tx=\([0-9]*\) .*/\1/p' <<<"$totals")
+    viak=$(sed -n 's/.*tx_through_kernel=\([0-9]*\)/\1/p' <<<"$totals")
+    check "$1: it sent over AF_XDP ($viax), only the handshake answers through the kernel ($viak)" \
+        test "${viak:-99}" -le 2 -a "${viax:-0}" -gt 1000
 }
 
 # udp_other_check NAME: another program's UDP socket on wraith's port, at another address of the
@@ -243,27 +254,33 @@ if SERVE_ADDR=$S_ADDR6 start_server_mode v6-xdp-server xdp; then
     done
     stop_pid "$pid" 10
     # A handshake answer goes through the kernel only if the server's neighbour table has no
-    # entry for the client yet (a HELLO can be replayed, so its source address is not learned);
-    # the rest goes over AF_XDP.
-    totals=$(grep -o 'tx=[0-9]* .*tx_through_kernel=[0-9]*' "$WORK/logs/serve-v6-xdp-server.log" | tail -1)
-    viax=$(sed -n 's/^tx=\([0-9]*\) .*/\1/p' <<<"$totals")
-    viak=$(sed -n 's/.*tx_through_kernel=\([0-9]*\)/\1/p' <<<"$totals")
-    check "v6 xdp server: it sent over AF_XDP ($viax), only the handshake answers through the kernel ($viak)" \
-        test "${viak:-99}" -le 2 -a "${viax:-0}" -gt 1000
+    # entry for the client yet (a HELLO can be replayed, so its source address is not learned).
+    server_sent_over_xdp "v6 xdp server" "$WORK/logs/serve-v6-xdp-server.log"
     no_xdp_left "v6 xdp server: after SIGTERM" "$NS_A" "$S_IF"
 fi
 
-# --- policy routing: the route to the server is in a table of its own ----------------------------
-# The client's main table has no route to $PR_ADDR (an address of the server's interface); a rule
-# sends it to table 100, which routes it via $S_ADDR. The client asks the kernel for the route
-# (rtnetlink, like `ip route get`), so it follows the rule: it picks the interface itself (no
-# iface= option) and sends to the gateway's Ethernet address.
+# --- policy routing: the routes both ways are in tables of their own -----------------------------
+# Client: its main table has no route to $PR_ADDR (an address of the server's interface); a rule
+# on the destination sends it to table 100, which routes it via $S_ADDR from the client's extra
+# address $PR_CLIENT. Server: its main table makes $PR_CLIENT unreachable; a rule on the source
+# ($PR_ADDR) sends replies to table 101, which has it on the link. Each side asks the kernel for
+# the route of its own packets (rtnetlink, like `ip route get to DST from SRC`), so both follow
+# their rules: the client picks the interface itself (no iface= option) and sends to the
+# gateway's Ethernet address; the server answers over AF_XDP, not through its kernel socket.
 PR_ADDR=10.77.9.1
+PR_CLIENT=10.77.7.2
 if ip -n "$NS_A" addr add "$PR_ADDR/32" dev "$S_IF" &&
-    ip -n "$NS_B" route add "$PR_ADDR/32" via "$S_ADDR" dev "$C_IF" table 100 &&
-    ip -n "$NS_B" rule add to "$PR_ADDR" lookup 100 pref 100; then
+    ip -n "$NS_B" addr add "$PR_CLIENT/32" dev "$C_IF" &&
+    ip -n "$NS_B" route add "$PR_ADDR/32" via "$S_ADDR" dev "$C_IF" src "$PR_CLIENT" table 100 &&
+    ip -n "$NS_B" rule add to "$PR_ADDR" lookup 100 pref 100 &&
+    ip -n "$NS_A" route add unreachable "$PR_CLIENT/32" &&
+    ip -n "$NS_A" route add "$PR_CLIENT/32" dev "$S_IF" table 101 &&
+    ip -n "$NS_A" rule add from "$PR_ADDR" lookup 101 pref 100 &&
+    ip netns exec "$NS_A" sysctl -qw net.ipv4.conf.all.rp_filter=0 "net.ipv4.conf.$S_IF.rp_filter=0"; then
     check "policy routing: the client's main table has no route to $PR_ADDR" \
         bash -c "! ip -n '$NS_B' route show table main | grep -q '$PR_ADDR'"
+    check "policy routing: the server's main table has $PR_CLIENT unreachable" \
+        bash -c "ip -n '$NS_A' route show table main | grep -q 'unreachable $PR_CLIENT'"
     if SERVE_ADDR=$PR_ADDR start_server_mode policy-xdp-server xdp; then
         pid=$SERVER_PID
         name="policy routing, xdp client"
@@ -276,12 +293,18 @@ if ip -n "$NS_A" addr add "$PR_ADDR/32" dev "$S_IF" &&
             umount_ok "$name" "$mnt"
         fi
         stop_pid "$pid" 10
+        server_sent_over_xdp "policy routing: server, by table 101's route" "$WORK/logs/serve-policy-xdp-server.log"
         no_xdp_left "policy routing: after SIGTERM" "$NS_A" "$S_IF"
     fi
 else
-    not_ok "policy routing: set up" "ip addr/route/rule failed"
+    not_ok "policy routing: set up" "ip addr/route/rule or sysctl failed"
 fi
 ip -n "$NS_B" rule del to "$PR_ADDR" lookup 100 pref 100 2>/dev/null
+ip -n "$NS_A" rule del from "$PR_ADDR" lookup 101 pref 100 2>/dev/null
+ip -n "$NS_B" route flush table 100 2>/dev/null
+ip -n "$NS_A" route flush table 101 2>/dev/null
+ip -n "$NS_A" route del unreachable "$PR_CLIENT/32" 2>/dev/null
+ip -n "$NS_B" addr del "$PR_CLIENT/32" dev "$C_IF" 2>/dev/null
 ip -n "$NS_A" addr del "$PR_ADDR/32" dev "$S_IF" 2>/dev/null
 
 # --- the default listen address: both families; the kernel path ---------------------------------

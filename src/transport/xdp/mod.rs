@@ -354,7 +354,7 @@ impl XdpIo {
             .and_then(|s| s.local_addr())
             .map_err(|e| XdpError(format!("no source address for {peer}: {e}")))?;
         if opts.iface.is_empty() {
-            let (_, oif) = neigh::next_hop(peer.ip(), None).map_err(|e| XdpError(e.to_string()))?;
+            let (_, oif) = neigh::next_hop(peer.ip(), Some(src.ip()), None).map_err(|e| XdpError(e.to_string()))?;
             opts.iface = netdev::ifname(oif).map_err(|e| XdpError(format!("the route to {peer} leaves through interface #{oif}: {e}")))?;
         }
         let io = XdpIo::open(&opts, SocketAddr::new(src.ip(), 0))?;
@@ -368,36 +368,48 @@ impl XdpIo {
         if self.source_for(peer).is_none() {
             return Err(XdpError(format!("{peer} is of an IP version this AF_XDP socket ({}) does not serve", self.local_addr().ip())));
         }
-        let (hop, _) = neigh::next_hop(peer.ip(), Some(self.dev.index)).map_err(|e| XdpError(e.to_string()))?;
-        let mac = neigh::resolve(hop, self.dev.index, wait).map_err(|e| XdpError(e.to_string()))?;
+        let src = self.source_for(peer).map(|s| s.ip());
+        let (hop, _) = neigh::next_hop(peer.ip(), src, Some(self.dev.index)).map_err(|e| XdpError(e.to_string()))?;
+        let mac = neigh::resolve(hop, src, self.dev.index, wait).map_err(|e| XdpError(e.to_string()))?;
         let mut n = self.neigh.lock().unwrap();
         bounded_insert(&mut n.table, peer.ip(), (Route::OnLink(Some(mac)), Instant::now()));
         Ok(())
     }
 
-    /// How to send to `ip`. The kernel's tables are read at most every [`NEIGH_TTL`] per peer;
-    /// the source address of authentic frames from `ip` comes first (it is what answered last).
+    /// How to send to `ip`. The kernel's tables are read at most every [`NEIGH_TTL`] per peer,
+    /// without holding the lock (the senders and the receive path's `learn` take it; the kernel
+    /// may be slow to answer); meanwhile other senders use the last answer. The source address
+    /// of authentic frames from `ip` comes first (it is what answered last).
     fn hop_for(&self, ip: IpAddr) -> Hop {
-        let mut n = self.neigh.lock().unwrap();
-        let cached = n.table.get(&ip).copied();
-        let route = match cached {
-            Some((r, t)) if t.elapsed() < NEIGH_TTL => r,
-            _ => {
-                let dev = self.dev.index;
-                let mut r = match neigh::next_hop(ip, Some(dev)) {
-                    Ok((hop, _)) => Route::OnLink(neigh::cached_mac(hop, dev).ok().flatten()),
-                    Err(neigh::NeighError::NoRoute { .. }) => Route::Elsewhere,
-                    Err(_) => Route::OnLink(None),
-                };
-                // The kernel dropped its entry (our frames bypass it, so it is not refreshed):
-                // the last answer is still the best.
-                if let (Route::OnLink(None), Some((Route::OnLink(Some(m)), _))) = (r, cached) {
-                    r = Route::OnLink(Some(m));
-                }
-                bounded_insert(&mut n.table, ip, (r, Instant::now()));
-                r
+        let cached = {
+            let mut n = self.neigh.lock().unwrap();
+            let cached = n.table.get(&ip).copied();
+            match cached {
+                Some((r, t)) if t.elapsed() < NEIGH_TTL => return Self::hop(&n, ip, r),
+                // This sender asks the kernel; the others keep the last answer until it has.
+                Some((r, _)) => bounded_insert(&mut n.table, ip, (r, Instant::now())),
+                None => {}
             }
+            cached
         };
+        let dev = self.dev.index;
+        let src = self.source_for(SocketAddr::new(ip, 0)).map(|s| s.ip());
+        let mut r = match neigh::next_hop(ip, src, Some(dev)) {
+            Ok((hop, _)) => Route::OnLink(neigh::cached_mac(hop, dev).ok().flatten()),
+            Err(neigh::NeighError::NoRoute { .. }) => Route::Elsewhere,
+            Err(_) => Route::OnLink(None),
+        };
+        // The kernel dropped its entry (our frames bypass it, so it is not refreshed): the last
+        // answer is still the best.
+        if let (Route::OnLink(None), Some((Route::OnLink(Some(m)), _))) = (r, cached) {
+            r = Route::OnLink(Some(m));
+        }
+        let mut n = self.neigh.lock().unwrap();
+        bounded_insert(&mut n.table, ip, (r, Instant::now()));
+        Self::hop(&n, ip, r)
+    }
+
+    fn hop(n: &Neighbours, ip: IpAddr, route: Route) -> Hop {
         match route {
             Route::Elsewhere => Hop::Kernel,
             Route::OnLink(mac) => n.learned.get(&ip).copied().or(mac).map_or(Hop::Kernel, Hop::Link),

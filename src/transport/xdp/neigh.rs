@@ -1,6 +1,6 @@
 //! Next hops and their Ethernet addresses, from the kernel of the calling process's network
-//! namespace: the route a packet to a peer takes (`rtnl::route_get`: the kernel's own decision,
-//! policy rules and every table included) and the neighbour table (`rtnl::neighbour`: ARP for
+//! namespace: the route a packet to a peer takes (`rtnl::route_get`: the kernel's own decision
+//! for our source address, policy rules and every table included) and the neighbour table (`rtnl::neighbour`: ARP for
 //! IPv4, neighbour discovery for IPv6). The kernel keeps resolving neighbours on the interface,
 //! because the XDP filter passes ARP and ICMPv6; when an entry is missing, one datagram through
 //! an ordinary socket to the next hop's discard port makes the kernel resolve it. The interface's
@@ -35,15 +35,15 @@ impl std::fmt::Display for NeighError {
             NeighError::Unresolved { hop } => {
                 write!(f, "the kernel could not resolve {hop} to an Ethernet address (neighbour discovery)")
             }
-            NeighError::Io(e) => write!(f, "asking the kernel for a route: {e}"),
+            NeighError::Io(e) => write!(f, "asking the kernel for a route or neighbour (rtnetlink): {e}"),
         }
     }
 }
 
-/// The next hop for `dst` and the index of the interface it leaves through, if that is
-/// `ifindex` (None: any interface).
-pub fn next_hop(dst: IpAddr, ifindex: Option<u32>) -> Result<(IpAddr, u32), NeighError> {
-    let r = rtnl::route_get(dst).map_err(NeighError::Io)?.ok_or(NeighError::NoRoute { dst, via: None })?;
+/// The next hop for a packet from `src` to `dst` and the index of the interface it leaves
+/// through, if that is `ifindex` (None: any interface).
+pub fn next_hop(dst: IpAddr, src: Option<IpAddr>, ifindex: Option<u32>) -> Result<(IpAddr, u32), NeighError> {
+    let r = rtnl::route_get(dst, src).map_err(NeighError::Io)?.ok_or(NeighError::NoRoute { dst, via: None })?;
     if ifindex.is_some_and(|i| i != r.oif) {
         let via = netdev::ifname(r.oif).unwrap_or_else(|_| format!("interface #{}", r.oif));
         return Err(NeighError::NoRoute { dst, via: Some(via) });
@@ -95,18 +95,20 @@ pub fn cached_mac(hop: IpAddr, ifindex: u32) -> Result<Option<Mac>, NeighError> 
 }
 
 /// The MAC of `hop` on interface `ifindex`, asking the kernel to resolve it when it has none
-/// (bounded by `wait`).
-pub fn resolve(hop: IpAddr, ifindex: u32, wait: Duration) -> Result<Mac, NeighError> {
+/// (bounded by `wait`); `src` is our address, so that the kernel routes the datagram that makes
+/// it resolve by the same rules as our packets.
+pub fn resolve(hop: IpAddr, src: Option<IpAddr>, ifindex: u32, wait: Duration) -> Result<Mac, NeighError> {
     if let Some(m) = cached_mac(hop, ifindex)? {
         return Ok(m);
     }
     // Any datagram the kernel must send to `hop` starts ARP or neighbour discovery; the discard
     // port ignores it. A link-local IPv6 next hop needs its interface.
-    let (s, to) = match hop {
-        IpAddr::V4(_) => (UdpSocket::bind("0.0.0.0:0"), SocketAddr::new(hop, 9)),
-        IpAddr::V6(a) => (UdpSocket::bind("[::]:0"), SocketAddr::V6(SocketAddrV6::new(a, 9, 0, scope(a, ifindex)))),
+    let (any, to) = match hop {
+        IpAddr::V4(_) => (IpAddr::from([0u8; 4]), SocketAddr::new(hop, 9)),
+        IpAddr::V6(a) => (IpAddr::from([0u16; 8]), SocketAddr::V6(SocketAddrV6::new(a, 9, 0, scope(a, ifindex)))),
     };
-    let s = s.map_err(NeighError::Io)?;
+    let from = src.filter(|s| s.is_ipv4() == hop.is_ipv4()).unwrap_or(any);
+    let s = UdpSocket::bind(SocketAddr::new(from, 0)).or_else(|_| UdpSocket::bind(SocketAddr::new(any, 0))).map_err(NeighError::Io)?;
     let deadline = Instant::now() + wait;
     let mut next_poke = Instant::now();
     loop {
@@ -115,7 +117,7 @@ pub fn resolve(hop: IpAddr, ifindex: u32, wait: Duration) -> Result<Mac, NeighEr
             let _ = s.send_to(b"wraith-neigh", to);
             next_poke = now + Duration::from_millis(500);
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(20));
         if let Some(m) = cached_mac(hop, ifindex)? {
             return Ok(m);
         }
@@ -155,10 +157,10 @@ mod tests {
     }
 
     #[test]
-    fn no_route_names_the_interface_the_route_takes() {
+    fn the_kernels_own_address_has_no_route_out() {
         let lo: u32 = std::fs::read_to_string("/sys/class/net/lo/ifindex").unwrap().trim().parse().unwrap();
         // The kernel sends nothing out of an interface for its own address.
-        match next_hop("127.0.0.1".parse().unwrap(), Some(lo)) {
+        match next_hop("127.0.0.1".parse().unwrap(), None, Some(lo)) {
             Err(NeighError::NoRoute { via: None, .. }) => {}
             other => panic!("{other:?}"),
         }

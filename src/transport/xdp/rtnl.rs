@@ -1,16 +1,17 @@
 //! Questions to the kernel's routing subsystem over rtnetlink (`netlink-packet-route` builds and
 //! parses the messages, `netlink-sys` carries them): which route a packet to an address takes —
-//! the kernel's own decision, rules and every table included, like `ip route get` — and what
-//! the neighbour table (ARP, IPv6 neighbour discovery) holds. Each question has a deadline.
+//! the kernel's own decision for a UDP packet from our address, rules and every table included,
+//! like `ip route get to DST from SRC ipproto udp` — and what the neighbour table (ARP, IPv6
+//! neighbour discovery) holds for one address. Each answer is waited for at most 2 s.
 
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -37,14 +38,14 @@ fn family(ip: IpAddr) -> AddressFamily {
     }
 }
 
-/// Send one request and collect the answers: one message, or a dump's messages up to its end.
-fn ask(msg: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetlinkMessage>> {
+/// Send one request (a single-entry GET) and return the kernel's answer.
+fn ask(msg: RouteNetlinkMessage) -> io::Result<Option<RouteNetlinkMessage>> {
     let mut sock = Socket::new(NETLINK_ROUTE)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
     sock.set_non_blocking(true)?;
     let mut hdr = NetlinkHeader::default();
-    hdr.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+    hdr.flags = NLM_F_REQUEST;
     hdr.sequence_number = 1;
     let mut req = NetlinkMessage::new(hdr, NetlinkPayload::from(msg));
     req.finalize();
@@ -52,7 +53,6 @@ fn ask(msg: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetlinkMessa
     req.serialize(&mut buf);
     sock.send(&buf, 0)?;
     let deadline = Instant::now() + WAIT;
-    let mut out = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || !poll_any_readable(&[sock.as_fd()], left)? {
@@ -69,49 +69,48 @@ fn ask(msg: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetlinkMessa
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink answer: {e}")))?;
             let len = m.header.length as usize;
             match m.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Done(_) => return Ok(None),
                 NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
-                NetlinkPayload::Error(_) => return Ok(out), // an acknowledgement
-                NetlinkPayload::InnerMessage(m) => {
-                    out.push(m);
-                    if !dump {
-                        return Ok(out);
-                    }
-                }
+                NetlinkPayload::Error(_) => return Ok(None), // an acknowledgement
+                NetlinkPayload::InnerMessage(m) => return Ok(Some(m)),
                 _ => {}
             }
-            if len == 0 {
-                break;
-            }
-            at += len;
+            // Messages in a datagram start at 4-byte boundaries (NLMSG_ALIGN); a parsed
+            // header is at least 16 bytes long.
+            at += len.max(16).next_multiple_of(4);
         }
     }
 }
 
-/// The route the kernel takes for a packet to `dst`, or None when it would not send one out of
-/// an interface (no route; an unreachable, prohibit or blackhole route; a local address).
-pub fn route_get(dst: IpAddr) -> io::Result<Option<KernelRoute>> {
+/// The route the kernel takes for a UDP packet to `dst` from `src` (None: the address the kernel
+/// would pick), or None when it would not send one out of an interface (no route; an
+/// unreachable, prohibit or blackhole route or rule; a local address). Rules that match on ports
+/// are not followed: the answer is kept per peer address.
+pub fn route_get(dst: IpAddr, src: Option<IpAddr>) -> io::Result<Option<KernelRoute>> {
+    let full = if dst.is_ipv4() { 32 } else { 128 };
     let mut m = RouteMessage::default();
     m.header.address_family = family(dst);
-    m.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+    m.header.destination_prefix_length = full;
     m.attributes.push(RouteAttribute::Destination(RouteAddress::from(dst)));
-    let answers = match ask(RouteNetlinkMessage::GetRoute(m), false) {
+    if let Some(src) = src.filter(|s| s.is_ipv4() == dst.is_ipv4() && !s.is_unspecified()) {
+        m.header.source_prefix_length = full;
+        m.attributes.push(RouteAttribute::Source(RouteAddress::from(src)));
+    }
+    m.attributes.push(RouteAttribute::IpProto(libc::IPPROTO_UDP as u8));
+    let answer = match ask(RouteNetlinkMessage::GetRoute(m)) {
         Ok(a) => a,
-        // What `ip route get` reports for the reject routes and for no route at all.
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL | libc::EPERM | libc::ESRCH)
-            ) =>
-        {
-            return Ok(None)
+        // What the kernel answers for no route (ENETUNREACH) and for unreachable (EHOSTUNREACH),
+        // prohibit (EACCES) and blackhole (EINVAL) routes and rules.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES | libc::EINVAL)) => {
+            tracing::debug!(%dst, error = %e, "the kernel has no route");
+            return Ok(None);
         }
         Err(e) => return Err(e),
     };
-    Ok(answers.into_iter().find_map(|a| match a {
-        RouteNetlinkMessage::NewRoute(r) => route_of(&r),
+    Ok(match answer {
+        Some(RouteNetlinkMessage::NewRoute(r)) => route_of(&r),
         _ => None,
-    }))
+    })
 }
 
 /// The interface and gateway of a route the kernel returned; None unless it is unicast.
@@ -126,6 +125,9 @@ fn route_of(r: &RouteMessage) -> Option<KernelRoute> {
             RouteAttribute::Oif(i) => oif = Some(*i),
             RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
             RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+            // An IPv4 route through an IPv6 gateway (`via inet6`, RFC 5549) and the like.
+            RouteAttribute::Via(RouteVia::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+            RouteAttribute::Via(RouteVia::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
             _ => {}
         }
     }
@@ -133,7 +135,8 @@ fn route_of(r: &RouteMessage) -> Option<KernelRoute> {
 }
 
 /// The Ethernet address the kernel's neighbour table holds for `ip` on interface `ifindex`, if
-/// the entry is usable (reachable, stale, being confirmed, or permanent). One entry is asked for
+/// the entry is usable (reachable, stale, being confirmed, permanent, or no-ARP with an address).
+/// One entry is asked for
 /// (`RTM_GETNEIGH` with the address, Linux 5.0+), not the whole table.
 pub fn neighbour(ip: IpAddr, ifindex: u32) -> io::Result<Option<Mac>> {
     let mut m = NeighbourMessage::default();
@@ -143,11 +146,9 @@ pub fn neighbour(ip: IpAddr, ifindex: u32) -> io::Result<Option<Mac>> {
         IpAddr::V4(a) => NeighbourAddress::Inet(a),
         IpAddr::V6(a) => NeighbourAddress::Inet6(a),
     }));
-    match ask(RouteNetlinkMessage::GetNeighbour(m), false) {
-        Ok(answers) => Ok(answers.iter().find_map(|a| match a {
-            RouteNetlinkMessage::NewNeighbour(n) => usable_mac(n, ip, ifindex),
-            _ => None,
-        })),
+    match ask(RouteNetlinkMessage::GetNeighbour(m)) {
+        Ok(Some(RouteNetlinkMessage::NewNeighbour(n))) => Ok(usable_mac(&n, ip, ifindex)),
+        Ok(_) => Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
         Err(e) => Err(e),
     }
@@ -155,7 +156,7 @@ pub fn neighbour(ip: IpAddr, ifindex: u32) -> io::Result<Option<Mac>> {
 
 fn usable_mac(n: &NeighbourMessage, ip: IpAddr, ifindex: u32) -> Option<Mac> {
     use NeighbourState as S;
-    if n.header.ifindex != ifindex || !matches!(n.header.state, S::Reachable | S::Stale | S::Delay | S::Probe | S::Permanent) {
+    if n.header.ifindex != ifindex || !matches!(n.header.state, S::Reachable | S::Stale | S::Delay | S::Probe | S::Permanent | S::Noarp) {
         return None;
     }
     let mut dst = None;
@@ -192,6 +193,8 @@ mod tests {
         r.header.kind = RouteType::Unreachable;
         assert_eq!(route_of(&r), None, "a reject route carries nothing");
         r.header.kind = RouteType::Unicast;
+        r.attributes.push(RouteAttribute::Via(RouteVia::Inet6("fe80::1".parse().unwrap())));
+        assert_eq!(route_of(&r).unwrap().gateway, Some("fe80::1".parse().unwrap()), "an IPv4 route via inet6");
         r.attributes.retain(|a| !matches!(a, RouteAttribute::Oif(_)));
         assert_eq!(route_of(&r), None, "no interface, no route");
     }
