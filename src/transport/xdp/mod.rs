@@ -365,10 +365,10 @@ impl XdpIo {
     /// Resolve `peer`'s next hop now (a client does this before its first datagram), so that a
     /// missing route or neighbour shows up as an error at start rather than as silence.
     pub fn resolve_peer(&self, peer: SocketAddr, wait: Duration) -> Result<(), XdpError> {
-        if self.source_for(peer).is_none() {
+        let Some(src) = self.source_for(peer).map(|s| s.ip()) else {
             return Err(XdpError(format!("{peer} is of an IP version this AF_XDP socket ({}) does not serve", self.local_addr().ip())));
-        }
-        let src = self.source_for(peer).map(|s| s.ip());
+        };
+        let src = Some(src);
         let (hop, _) = neigh::next_hop(peer.ip(), src, Some(self.dev.index)).map_err(|e| XdpError(e.to_string()))?;
         let mac = neigh::resolve(hop, src, self.dev.index, wait).map_err(|e| XdpError(e.to_string()))?;
         let mut n = self.neigh.lock().unwrap();

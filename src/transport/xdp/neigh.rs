@@ -1,7 +1,7 @@
 //! Next hops and their Ethernet addresses, from the kernel of the calling process's network
 //! namespace: the route a packet to a peer takes (`rtnl::route_get`: the kernel's own decision
-//! for our source address, policy rules and every table included) and the neighbour table (`rtnl::neighbour`: ARP for
-//! IPv4, neighbour discovery for IPv6). The kernel keeps resolving neighbours on the interface,
+//! for our source address, policy rules and every table included) and the neighbour table
+//! (`rtnl::neighbour`: ARP for IPv4, neighbour discovery for IPv6). The kernel keeps resolving neighbours on the interface,
 //! because the XDP filter passes ARP and ICMPv6; when an entry is missing, one datagram through
 //! an ordinary socket to the next hop's discard port makes the kernel resolve it. The interface's
 //! IPv6 addresses come from `/proc/net/if_inet6` (parser pure and tested).
@@ -129,7 +129,7 @@ pub fn resolve(hop: IpAddr, src: Option<IpAddr>, ifindex: u32, wait: Duration) -
 
 /// The scope id a socket address for `a` needs: the interface for a link-local address.
 fn scope(a: Ipv6Addr, ifindex: u32) -> u32 {
-    if a.segments()[0] & 0xffc0 == 0xfe80 {
+    if a.is_unicast_link_local() {
         ifindex
     } else {
         0
@@ -158,7 +158,7 @@ mod tests {
 
     #[test]
     fn the_kernels_own_address_has_no_route_out() {
-        let lo: u32 = std::fs::read_to_string("/sys/class/net/lo/ifindex").unwrap().trim().parse().unwrap();
+        let lo = netdev::netdev("lo").unwrap().index;
         // The kernel sends nothing out of an interface for its own address.
         match next_hop("127.0.0.1".parse().unwrap(), None, Some(lo)) {
             Err(NeighError::NoRoute { via: None, .. }) => {}

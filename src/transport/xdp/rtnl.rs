@@ -136,16 +136,12 @@ fn route_of(r: &RouteMessage) -> Option<KernelRoute> {
 
 /// The Ethernet address the kernel's neighbour table holds for `ip` on interface `ifindex`, if
 /// the entry is usable (reachable, stale, being confirmed, permanent, or no-ARP with an address).
-/// One entry is asked for
-/// (`RTM_GETNEIGH` with the address, Linux 5.0+), not the whole table.
+/// One entry is asked for (`RTM_GETNEIGH` with the address, Linux 5.0+), not the whole table.
 pub fn neighbour(ip: IpAddr, ifindex: u32) -> io::Result<Option<Mac>> {
     let mut m = NeighbourMessage::default();
     m.header.family = family(ip);
     m.header.ifindex = ifindex;
-    m.attributes.push(NeighbourAttribute::Destination(match ip {
-        IpAddr::V4(a) => NeighbourAddress::Inet(a),
-        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-    }));
+    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
     match ask(RouteNetlinkMessage::GetNeighbour(m)) {
         Ok(Some(RouteNetlinkMessage::NewNeighbour(n))) => Ok(usable_mac(&n, ip, ifindex)),
         Ok(_) => Ok(None),
@@ -177,9 +173,8 @@ mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    /// The loopback interface's index, from sysfs.
     fn lo_index() -> u32 {
-        std::fs::read_to_string("/sys/class/net/lo/ifindex").unwrap().trim().parse().unwrap()
+        crate::sys::netdev::netdev("lo").unwrap().index
     }
 
     #[test]
