@@ -25,6 +25,7 @@ FAILED_NAMES=()
 WORK=
 NS_A=
 NS_B=
+NS_R=
 MOUNTS=()       # mount points we mounted (or tried to)
 PIDS=()         # background processes we started
 CLEANED=0
@@ -305,8 +306,11 @@ netns_setup() {
 netns_teardown() {
     [ -n "$NS_A" ] && ip netns del "$NS_A" 2>/dev/null
     [ -n "$NS_B" ] && ip netns del "$NS_B" 2>/dev/null
+    # A third namespace (a router) where a test made one.
+    [ -n "${NS_R:-}" ] && ip netns del "$NS_R" 2>/dev/null
     NS_A=
     NS_B=
+    NS_R=
     return 0
 }
 

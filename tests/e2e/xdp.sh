@@ -14,7 +14,9 @@
 # falls back to UDP and transport=xdp fails, each with one line, when AF_XDP cannot start (no
 # such interface, an interface that is down); a server without privilege exits with one line
 # that says so; on a driver without native XDP (lo) the server picks generic mode by itself; a
-# client whose side has a larger MTU than the server's reads through both kinds of server.
+# client whose side has a larger MTU than the server's reads through both kinds of server; a
+# client and a server on two subnets joined by a router namespace read over AF_XDP through it
+# (frames addressed to the gateway); policy rules choose routes on both sides.
 #
 # Environment: WRAITH_BIN (directory with wraith-serve and wraith-mount, default
 # target/release), WRAITH_XDP_MIB (size of the big file, default 64), WRAITH_E2E_KEEP=1.
@@ -88,27 +90,28 @@ auto_falls_back() {
     fi
 }
 
-# start_server_mode NAME MODE [ARGS...]: MODE udp or xdp; on $SERVE_ADDR (default $S_ADDR).
+# start_server_mode NAME MODE [ARGS...]: MODE udp or xdp; on $SERVE_ADDR (default $S_ADDR), AF_XDP
+# on $SERVE_IF (default $S_IF).
 # Sets SERVER_PID.
 start_server_mode() {
     local name=$1 mode=$2
     shift 2
-    local extra=()
-    [ "$mode" = xdp ] && extra=(--xdp "$S_IF")
+    local extra=() ifc=${SERVE_IF:-$S_IF}
+    [ "$mode" = xdp ] && extra=(--xdp "$ifc")
     serve "$name" "$NS_A" "${SERVE_ADDR:-$S_ADDR}" "$PORT" --key "$KEY" --state-dir "$WORK/state/s" \
         --export "tree=$SRC" "${extra[@]}" "$@" || return 1
     if [ "$mode" = xdp ]; then
         # The port is reserved before the program and sockets are up: wait for the start-up line.
         local i
         for ((i = 0; i < 100; i++)); do
-            grep -q "AF_XDP on $S_IF" "$WORK/logs/serve-$name.log" && break
+            grep -q "AF_XDP on $ifc" "$WORK/logs/serve-$name.log" && break
             kill -0 "$SERVER_PID" 2>/dev/null || break
             sleep 0.1
         done
-        if xdp_attached "$NS_A" "$S_IF" && grep -q "AF_XDP on $S_IF" "$WORK/logs/serve-$name.log"; then
-            ok "$name: server runs AF_XDP on $S_IF ($(grep -o '[0-9]* queue(s), [a-z]* mode, [a-z-]*' "$WORK/logs/serve-$name.log" | tail -1))"
+        if xdp_attached "$NS_A" "$ifc" && grep -q "AF_XDP on $ifc" "$WORK/logs/serve-$name.log"; then
+            ok "$name: server runs AF_XDP on $ifc ($(grep -o '[0-9]* queue(s), [a-z]* mode, [a-z-]*' "$WORK/logs/serve-$name.log" | tail -1))"
         else
-            not_ok "$name: server runs AF_XDP on $S_IF" "$(last_line "$WORK/logs/serve-$name.log")"
+            not_ok "$name: server runs AF_XDP on $ifc" "$(last_line "$WORK/logs/serve-$name.log")"
             stop_pid "$SERVER_PID" 10
             return 1
         fi
@@ -306,6 +309,39 @@ ip -n "$NS_A" route flush table 101 2>/dev/null
 ip -n "$NS_A" route del unreachable "$PR_CLIENT/32" 2>/dev/null
 ip -n "$NS_B" addr del "$PR_CLIENT/32" dev "$C_IF" 2>/dev/null
 ip -n "$NS_A" addr del "$PR_ADDR/32" dev "$S_IF" 2>/dev/null
+
+# --- through a router: the next hop is the gateway, not the peer --------------------------------
+# The server and the client sit on subnets of their own, joined by a router namespace that
+# forwards between them. Each end runs AF_XDP on its link to the router and must address every
+# frame to the router's Ethernet address (its route's gateway): the router drops frames for any
+# other address, and a frame sent through the kernel socket instead shows in the counters.
+if xdp_router_setup; then
+    ok "router: $NS_A ($RS_ADDR) and $NS_B ($RC_ADDR) on two subnets, joined by $NS_R"
+    if SERVE_ADDR=$RS_ADDR SERVE_IF=$RS_IF start_server_mode routed-xdp-server xdp; then
+        pid=$SERVER_PID
+        name="through a router, xdp client"
+        mnt=$WORK/cli/routed
+        if mount_ok "$name" "$NS_B" "$RS_ADDR:$PORT:/tree" "$mnt" "keyfile=$KEY,transport=xdp"; then
+            check "$name: client runs AF_XDP on $RC_IF, the interface of its route" xdp_attached "$NS_B" "$RC_IF"
+            check "$name: cmp of a small file" timeout 60 cmp "$SRC/small/f5" "$mnt/small/f5"
+            check "$name: cmp big.bin" timeout 300 cmp "$SRC/big.bin" "$mnt/big.bin"
+            all_over_xdp "$name" "$mnt"
+            umount_ok "$name" "$mnt"
+        fi
+        no_xdp_left "$name: after umount" "$NS_B" "$RC_IF"
+        stop_pid "$pid" 10
+        server_sent_over_xdp "through a router: server" "$WORK/logs/serve-routed-xdp-server.log"
+        no_xdp_left "through a router: server, after SIGTERM" "$NS_A" "$RS_IF"
+        # The file crossed the router: it forwarded at least one frame per 1500 bytes of it.
+        fwd=$(ip -n "$NS_R" -s -j link show wxr3 | python3 -c 'import json, sys; print(json.load(sys.stdin)[0]["stats64"]["tx"]["packets"])')
+        check "through a router: the router forwarded the read to the client ($fwd frames)" \
+            test "${fwd:-0}" -gt $((MIB * 1048576 / 1500))
+    fi
+else
+    not_ok "router: set up" "ip netns, veth, route or sysctl failed"
+fi
+[ -n "$NS_R" ] && ip netns del "$NS_R" 2>/dev/null
+NS_R=
 
 # --- the default listen address: both families; the kernel path ---------------------------------
 # `wraith-serve --xdp IFACE` without --listen listens on [::]:7447, which on the UDP path is a

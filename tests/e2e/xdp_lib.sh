@@ -4,7 +4,8 @@
 #
 # Server namespace A: S_IF with S_ADDR; client namespace B: C_IF with C_ADDR; one veth pair,
 # both ends inside the namespaces, nothing added to the host's namespace. XDP_QUEUES (default 1)
-# receive and transmit queues on each end.
+# receive and transmit queues on each end. xdp_router_setup adds a router namespace R between
+# them on two more links (lib.sh's cleanup deletes $NS_R too).
 
 S_ADDR=10.77.1.1
 C_ADDR=10.77.1.2
@@ -16,7 +17,7 @@ C_IF=wx1
 xdp_setup() {
     local ns pid
     # Namespaces of earlier runs whose process is gone.
-    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^wrxdp-[0-9]+-[ab]$'); do
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^wrxdp-[0-9]+-[abr]$'); do
         pid=${ns#wrxdp-}
         pid=${pid%-*}
         kill -0 "$pid" 2>/dev/null || ip netns del "$ns" 2>/dev/null
@@ -40,3 +41,36 @@ xdp_setup() {
     return 1
 }
 
+
+# A server subnet and a client subnet joined by a router namespace R that forwards between them:
+# A's RS_IF (RS_ADDR) -- R (RS_GW | RC_GW) -- B's RC_IF (RC_ADDR). Each end reaches the other's
+# subnet only via its router address, so a packet must carry the router's Ethernet address.
+RS_IF=wxr0
+RC_IF=wxr1
+RS_ADDR=10.77.20.1
+RS_GW=10.77.20.254
+RC_ADDR=10.77.21.2
+RC_GW=10.77.21.254
+
+xdp_router_setup() {
+    NS_R=wrxdp-$$-r
+    local q=${XDP_QUEUES:-1}
+    ip netns add "$NS_R" || return 1
+    ip link add "$RS_IF" netns "$NS_A" numrxqueues "$q" numtxqueues "$q" type veth \
+        peer name wxr2 netns "$NS_R" numrxqueues "$q" numtxqueues "$q" || return 1
+    ip link add "$RC_IF" netns "$NS_B" numrxqueues "$q" numtxqueues "$q" type veth \
+        peer name wxr3 netns "$NS_R" numrxqueues "$q" numtxqueues "$q" || return 1
+    ip -n "$NS_A" addr add "$RS_ADDR/24" dev "$RS_IF" && ip -n "$NS_B" addr add "$RC_ADDR/24" dev "$RC_IF" || return 1
+    ip -n "$NS_R" addr add "$RS_GW/24" dev wxr2 && ip -n "$NS_R" addr add "$RC_GW/24" dev wxr3 || return 1
+    ip -n "$NS_R" link set lo up && ip -n "$NS_R" link set wxr2 up && ip -n "$NS_R" link set wxr3 up || return 1
+    ip -n "$NS_A" link set "$RS_IF" up && ip -n "$NS_B" link set "$RC_IF" up || return 1
+    ip netns exec "$NS_R" sysctl -qw net.ipv4.ip_forward=1 || return 1
+    ip -n "$NS_A" route add "${RC_ADDR%.*}.0/24" via "$RS_GW" dev "$RS_IF" &&
+        ip -n "$NS_B" route add "${RS_ADDR%.*}.0/24" via "$RC_GW" dev "$RC_IF" || return 1
+    local i
+    for ((i = 0; i < 50; i++)); do
+        ip -n "$NS_A" link show "$RS_IF" | grep -q 'state UP' && ip -n "$NS_B" link show "$RC_IF" | grep -q 'state UP' && return 0
+        sleep 0.1
+    done
+    return 1
+}
