@@ -225,15 +225,16 @@ impl Store {
     }
 
     /// Several chunks of one file from disk, their reads submitted together (one
-    /// `io_uring_enter`), each verified as by [`Store::load`]. Chunks the index does not hold
-    /// are skipped; the result has one entry per chunk asked, None for a miss.
+    /// `io_uring_enter`), each verified as by [`Store::load`] and handed to `each` as soon as it
+    /// is (in the order asked), None for a miss (not held, damaged, failed).
     pub fn load_many(
         &self,
         root: &Root,
         geom: &Geometry,
         idxs: &[u64],
         leaf: impl Fn(u64) -> crate::error::Result<Option<Cv>>,
-    ) -> Vec<(u64, Option<VerifiedChunk>)> {
+        mut each: impl FnMut(u64, Option<VerifiedChunk>),
+    ) {
         let mut ops = Vec::new();
         let mut waits = Vec::new();
         for &idx in idxs {
@@ -248,16 +249,13 @@ impl Store {
         }
         self.shared.io.submit_many(ops);
         let deadline = Instant::now() + READ_DEADLINE;
-        waits
-            .into_iter()
-            .map(|(idx, w)| {
-                let c = w.and_then(|(p, rx)| {
-                    let r = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-                    self.finish(root, geom, idx, p, r, || leaf(idx))
-                });
-                (idx, c)
-            })
-            .collect()
+        for (idx, w) in waits {
+            let c = w.and_then(|(p, rx)| {
+                let r = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+                self.finish(root, geom, idx, p, r, || leaf(idx))
+            });
+            each(idx, c);
+        }
     }
 
     /// The piece values of chunk `idx` stored beside its data, if the chunk is present, the file's

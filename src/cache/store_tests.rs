@@ -274,8 +274,9 @@ fn load_many_verifies_each_and_misses_what_is_absent_or_damaged() {
         file.write_all_at(b"xx", f.geom.chunk_offset(4) + 10).unwrap();
     }
     let sqes_before = s.io_stats().sqes;
-    let got = s.load_many(&f.root, &f.geom, &[0, 1, 2, 3, 4, 5], |i| Ok(f.cv(i)));
-    assert_eq!(got.len(), 6);
+    let mut got = Vec::new();
+    s.load_many(&f.root, &f.geom, &[0, 1, 2, 3, 4, 5], |i| Ok(f.cv(i)), |i, c| got.push((i, c)));
+    assert_eq!(got.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5], "each chunk once, in order");
     for (idx, c) in got {
         match idx {
             3 => assert!(c.is_none(), "absent chunk is a miss"),

@@ -11,8 +11,15 @@ use super::Source;
 use crate::chunk::{PieceCvs, VerifiedChunk};
 use crate::error::Error;
 
+enum State<V> {
+    Pending,
+    Done(Result<V, Error>),
+    /// The leader let go without a result: whoever waits asks again.
+    Abandoned,
+}
+
 struct Slot<V> {
-    value: Mutex<Option<Result<V, Error>>>,
+    state: Mutex<State<V>>,
     ready: Condvar,
 }
 
@@ -27,32 +34,87 @@ impl<K: Eq + Hash + Clone, V: Clone> Default for SingleFlight<K, V> {
     }
 }
 
+/// The lead of one key's fetch: whoever asks for the key meanwhile waits for [`Lead::finish`].
+/// Dropped without a result (the leader gave up, or panicked), the waiters ask again and one of
+/// them leads.
+pub struct Lead<'a, K: Eq + Hash + Clone, V: Clone> {
+    flight: &'a SingleFlight<K, V>,
+    key: K,
+    slot: Arc<Slot<V>>,
+    done: bool,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Lead<'_, K, V> {
+    pub fn key(&self) -> &K {
+        &self.key
+    }
+
+    pub fn finish(mut self, r: Result<V, Error>) {
+        self.complete(State::Done(r));
+    }
+
+    fn complete(&mut self, st: State<V>) {
+        self.done = true;
+        // Out of the map first: a latecomer starts afresh (after looking in the caches the
+        // result went into) rather than finding a slot that is being emptied.
+        self.flight.inflight.lock().unwrap().remove(&self.key);
+        *self.slot.state.lock().unwrap() = st;
+        self.slot.ready.notify_all();
+    }
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Drop for Lead<'_, K, V> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.complete(State::Abandoned);
+        }
+    }
+}
+
 impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
     /// Run `fetch` for `key` unless another thread already is; then everyone gets its result.
     pub fn run(&self, key: K, fetch: impl FnOnce() -> Result<V, Error>) -> Result<V, Error> {
-        let (slot, leader) = {
-            let mut m = self.inflight.lock().unwrap();
-            match m.get(&key) {
-                Some(s) => (s.clone(), false),
-                None => {
-                    let s = Arc::new(Slot { value: Mutex::new(None), ready: Condvar::new() });
-                    m.insert(key.clone(), s.clone());
-                    (s, true)
+        let mut fetch = Some(fetch);
+        loop {
+            let slot = {
+                let mut m = self.inflight.lock().unwrap();
+                match m.get(&key) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let slot = Arc::new(Slot { state: Mutex::new(State::Pending), ready: Condvar::new() });
+                        m.insert(key.clone(), slot.clone());
+                        drop(m);
+                        let lead = Lead { flight: self, key, slot, done: false };
+                        let r = (fetch.take().expect("fetched once"))();
+                        lead.finish(r.clone());
+                        return r;
+                    }
                 }
+            };
+            let mut st = slot.state.lock().unwrap();
+            while matches!(*st, State::Pending) {
+                st = slot.ready.wait(st).unwrap();
             }
-        };
-        if leader {
-            let r = fetch();
-            *slot.value.lock().unwrap() = Some(r.clone());
-            slot.ready.notify_all();
-            self.inflight.lock().unwrap().remove(&key);
-            return r;
+            if let State::Done(r) = &*st {
+                return r.clone();
+            }
         }
-        let mut v = slot.value.lock().unwrap();
-        while v.is_none() {
-            v = slot.ready.wait(v).unwrap();
+    }
+
+    /// Take the lead for each of `keys` that nobody is fetching (in their order); the others
+    /// are left out.
+    pub fn lead(&self, keys: impl IntoIterator<Item = K>) -> Vec<Lead<'_, K, V>> {
+        let mut m = self.inflight.lock().unwrap();
+        let mut out = Vec::new();
+        for key in keys {
+            if m.contains_key(&key) {
+                continue;
+            }
+            let slot = Arc::new(Slot { state: Mutex::new(State::Pending), ready: Condvar::new() });
+            m.insert(key.clone(), slot.clone());
+            out.push(Lead { flight: self, key, slot, done: false });
         }
-        v.clone().unwrap()
+        out
     }
 
     pub fn is_inflight(&self, key: &K) -> bool {
@@ -179,5 +241,28 @@ mod tests {
             assert_eq!(t.join().unwrap(), Ok(7));
         }
         assert!(runs.load(Ordering::SeqCst) < 8);
+    }
+
+    #[test]
+    fn a_lead_is_waited_for_and_one_let_go_is_fetched_again() {
+        let sf: Arc<SingleFlight<u32, u32>> = Arc::new(SingleFlight::default());
+        let mut leads = sf.lead([1, 2]);
+        assert_eq!(leads.iter().map(|l| *l.key()).collect::<Vec<_>>(), [1, 2]);
+        assert!(sf.lead([1, 3]).iter().map(|l| *l.key()).eq([3]), "1 is led already; 3 was let go at once");
+        assert!(sf.is_inflight(&2) && !sf.is_inflight(&3));
+        let waiter = |k| {
+            let sf = sf.clone();
+            std::thread::spawn(move || sf.run(k, || Ok(100 + k)))
+        };
+        let (w1, w2) = (waiter(1), waiter(2));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!w1.is_finished() && !w2.is_finished(), "both wait for their lead");
+        let l2 = leads.pop().unwrap();
+        let l1 = leads.pop().unwrap();
+        l1.finish(Ok(7));
+        assert_eq!(w1.join().unwrap(), Ok(7), "the lead's result, not a fetch of its own");
+        drop(l2);
+        assert_eq!(w2.join().unwrap(), Ok(102), "let go without a result: the waiter fetched");
+        assert!(!sf.is_inflight(&1) && !sf.is_inflight(&2));
     }
 }
