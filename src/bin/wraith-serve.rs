@@ -50,6 +50,9 @@ struct Args {
     xdp_blast_secs: u64,
     #[arg(long, hide = true, default_value_t = 1472)]
     xdp_blast_size: usize,
+    /// Benchmark only: sender threads (an AF_XDP path spreads them over its queues).
+    #[arg(long, hide = true, default_value_t = 1)]
+    xdp_blast_threads: usize,
     /// Worker threads answering requests.
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -114,7 +117,7 @@ fn blast(args: &Args) -> ExitCode {
     };
     let secs = std::time::Duration::from_secs(args.xdp_blast_secs);
     let r = match args.xdp_blast_send {
-        Some(d) => blast::send(&*io, d, args.xdp_blast_size, secs),
+        Some(d) => blast::send(&*io, d, args.xdp_blast_size, secs, args.xdp_blast_threads),
         None => blast::receive(&*io, std::time::Duration::from_secs(1), secs + std::time::Duration::from_secs(30)),
     };
     match r {
