@@ -31,6 +31,13 @@ pub trait DatagramIo: Send + Sync {
     fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()>;
     /// Wait up to `timeout` until datagrams may be read.
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool>;
+    /// [`wait_readable`](Self::wait_readable) for receiving thread `lane` of `lanes`: a path
+    /// with several receive queues wakes each thread for its own share of them (one wake-up per
+    /// arrival, not one per thread); a thread still receives from every queue once awake.
+    fn wait_readable_lane(&self, lane: usize, lanes: usize, timeout: Duration) -> io::Result<bool> {
+        let _ = (lane, lanes);
+        self.wait_readable(timeout)
+    }
     /// Hand every datagram queued now to `f`, without blocking. `f` says whether the datagram
     /// was authentic and new (accepted by a session): only then may the path learn from it
     /// (AF_XDP: the sender's Ethernet address). `bufs` are the UDP path's receive buffers, one
@@ -186,7 +193,7 @@ impl ClientTransport {
         // the protocol lock; only the bookkeeping is serialized.
         for i in 0..RECV_THREADS {
             let (io, shared, peer) = (t.io.clone(), t.shared.clone(), t.peer);
-            thread::Builder::new().name(format!("wraith-net{i}")).spawn(move || recv_loop(io, shared, peer, i == 0))?;
+            thread::Builder::new().name(format!("wraith-net{i}")).spawn(move || recv_loop(io, shared, peer, i))?;
         }
         Ok(t)
     }
@@ -307,7 +314,8 @@ fn drive(peer: SocketAddr, s: &mut Shared) -> Vec<Vec<u8>> {
     out
 }
 
-fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr, reporter: bool) {
+fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAddr, lane: usize) {
+    let reporter = lane == 0;
     let mut bufs = RecvBufs::default();
     let mut last_report = Instant::now();
     loop {
@@ -335,7 +343,7 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
             let wait = s.client.poll_timeout().map_or(Duration::from_millis(100), |t| t.saturating_duration_since(now));
             (wait.min(Duration::from_millis(100)), s.client.response_key())
         };
-        let readable = io.wait_readable(wait).unwrap_or(false);
+        let readable = io.wait_readable_lane(lane, RECV_THREADS, wait).unwrap_or(false);
         if readable {
             // The clock is read once per 16 datagrams (it costs as much as parsing one here):
             // some microseconds stale at most, against a 15 ms least RTO.

@@ -424,6 +424,20 @@ impl XdpIo {
         }
     }
 
+    /// Wait on the sockets of `queues` and on the kernel path's socket.
+    fn wait_on(&self, queues: &[usize], timeout: Duration) -> io::Result<bool> {
+        // poll(2) on an AF_XDP socket is also the fill ring's wake-up. The fds are duplicates,
+        // so waiting takes no lock and another thread can receive meanwhile.
+        let mut fds: Vec<_> = queues.iter().map(|&q| self.poll_fds[q].as_fd()).collect();
+        // The kernel path's fd is the last one.
+        fds.push(self.poll_fds[self.queues.len()].as_fd());
+        let (any, kernel) = netdev::poll_readable_last(&fds, timeout)?;
+        if kernel {
+            self.kernel_ready.store(true, Ordering::Relaxed);
+        }
+        Ok(any)
+    }
+
     fn lock_tx(&self) -> MutexGuard<'_, Sender<XskTx>> {
         let n = self.queues.len();
         let start = self.next_tx.fetch_add(1, Ordering::Relaxed) % n;
@@ -618,6 +632,16 @@ thread_local! {
 /// The addresses an AF_XDP path on `iface` serves for `bind`: that address; for `0.0.0.0` the
 /// interface's first IPv4 address; for `::` its first IPv4 and first global IPv6 address
 /// (whichever it has), as a dual-stack socket would.
+/// The queues (of `n`) receiving thread `lane` of `lanes` sleeps on: every `lanes`-th from its
+/// own, so that each queue has exactly one thread; all of them when there are fewer queues than
+/// threads (then a thread without a queue of its own would never wake).
+fn lane_queues(lane: usize, lanes: usize, n: usize) -> Vec<usize> {
+    if lanes <= 1 || n < lanes {
+        return (0..n).collect();
+    }
+    (lane % lanes..n).step_by(lanes).collect()
+}
+
 fn local_addresses(iface: &str, dev: &NetDev, bind: IpAddr) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), XdpError> {
     let err = |m: String| XdpError(m);
     let v6_addrs = || neigh::ipv6_addrs(iface).map_err(|e| err(format!("cannot read the IPv6 addresses of {iface}: {e}")));
@@ -664,15 +688,13 @@ impl DatagramIo for XdpIo {
         self.send_impl(dest, buf, seg)
     }
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        // poll(2) on an AF_XDP socket is also the fill ring's wake-up. The fds are duplicates,
-        // so waiting takes no lock and another thread can receive meanwhile.
-        let fds: Vec<_> = self.poll_fds.iter().map(|f| f.as_fd()).collect();
-        // The kernel path's fd is the last one.
-        let (any, kernel) = netdev::poll_readable_last(&fds, timeout)?;
-        if kernel {
-            self.kernel_ready.store(true, Ordering::Relaxed);
-        }
-        Ok(any)
+        self.wait_on(&lane_queues(0, 1, self.queues.len()), timeout)
+    }
+    /// Each thread sleeps on its own queues: with every thread on every socket, each arrival
+    /// woke them all (measured, 2 queues and 2 threads, 1 GiB: 36-38 k context switches of the
+    /// receive threads and 0.69-0.74 s of their system time; 19 k and 0.36-0.41 s so).
+    fn wait_readable_lane(&self, lane: usize, lanes: usize, timeout: Duration) -> io::Result<bool> {
+        self.wait_on(&lane_queues(lane, lanes, self.queues.len()), timeout)
     }
     /// `_bufs` is unused: frames are received in the UMEM and handed to `f` from there.
     fn recv_now(&self, _bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
@@ -690,5 +712,30 @@ impl DatagramIo for XdpIo {
             g(&s.tx_kicks),
             g(&s.tx_kernel)
         )
+    }
+}
+
+#[cfg(test)]
+mod lane_tests {
+    use super::lane_queues;
+
+    #[test]
+    fn every_queue_has_exactly_one_thread_when_there_are_enough() {
+        for lanes in 1..=4 {
+            for n in lanes..=9 {
+                let mut all: Vec<usize> = (0..lanes).flat_map(|l| lane_queues(l, lanes, n)).collect();
+                assert!((0..lanes).all(|l| !lane_queues(l, lanes, n).is_empty()), "{lanes} lanes, {n} queues");
+                all.sort();
+                assert_eq!(all, (0..n).collect::<Vec<_>>(), "{lanes} lanes, {n} queues");
+            }
+        }
+        assert_eq!(lane_queues(1, 2, 4), [1, 3]);
+    }
+
+    #[test]
+    fn fewer_queues_than_threads_means_every_thread_on_all() {
+        assert_eq!(lane_queues(0, 2, 1), [0]);
+        assert_eq!(lane_queues(1, 2, 1), [0]);
+        assert_eq!(lane_queues(2, 4, 3), [0, 1, 2]);
     }
 }
