@@ -104,8 +104,12 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
     /// Take the lead for each of `keys` that nobody is fetching (in their order); the others
     /// are left out.
     pub fn lead(&self, keys: impl IntoIterator<Item = K>) -> Vec<Lead<'_, K, V>> {
-        let mut m = self.inflight.lock().unwrap();
+        // The caller's iterator runs before the lock is taken, and `out` is declared before the
+        // guard: were anything to panic in here, the guard is released before the leads are
+        // dropped (a lead's drop takes the same lock).
+        let keys: Vec<K> = keys.into_iter().collect();
         let mut out = Vec::new();
+        let mut m = self.inflight.lock().unwrap();
         for key in keys {
             if m.contains_key(&key) {
                 continue;

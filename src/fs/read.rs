@@ -43,12 +43,14 @@ impl SeqState {
     /// Note a read of `offset..end` of a file in chunks of `1 << chunk_log2` bytes and return how
     /// many chunks to prefetch past it: the window doubles with each read that continues the
     /// stream, up to `cap`, and closes on a jump. A read continues the stream when it starts
-    /// within max(one chunk, `REORDER` reads of its size) of the stream's furthest end, before
-    /// or after it: readahead requests arrive a little out of order, and taking that for a jump
-    /// kept the window small (a 1 GiB read served from memory took 0.95–0.99 s with a one-chunk
-    /// slack, 0.54–0.60 s with this one). Small random reads get a slack of one chunk.
+    /// within one chunk of the stream's furthest end, before or after it; once a stream is open,
+    /// within max(one chunk, `REORDER` reads of its size): readahead requests reach the worker
+    /// threads a little out of order. With `read_ahead_kb` raised to 4 MiB, a one-chunk slack
+    /// took that for a jump 56–67 times in a cold 1 GiB read (with the kernel's default 128 KiB
+    /// for FUSE, never). Random reads, which open no stream, keep the one-chunk slack.
     pub fn advance(&mut self, offset: u64, end: u64, chunk_log2: u8, cap: u64) -> u64 {
-        let slack = (1u64 << chunk_log2).max((end - offset).saturating_mul(REORDER));
+        let chunk = 1u64 << chunk_log2;
+        let slack = if self.window > 0 { chunk.max((end - offset).saturating_mul(REORDER)) } else { chunk };
         if offset == self.next_off || (self.next_off > 0 && offset.abs_diff(self.next_off) <= slack) {
             self.window = (self.window * 2).clamp(1, cap.max(1));
             self.next_off = self.next_off.max(end);
@@ -360,7 +362,17 @@ fn run(fs: &Fs, job: Job) {
                 .collect();
             let idxs: Vec<u64> = idxs.into_iter().filter(|i| leads.contains_key(i)).collect();
             let mut missed = Vec::new();
-            disk.load_many(&root, &h.geom, &idxs, |i| leaf_cv(fs, Ctx::default(), &h, i), |idx, c| {
+            // The first chunk whose leaf value cannot be had (server unreachable, say) ends the
+            // batch's asking: the rest are let go at once instead of one deadline each, so a
+            // reader waiting on the k-th does not wait k deadlines.
+            let leaf_failed = std::cell::RefCell::new(None::<Error>);
+            let leaf = |i| {
+                if let Some(e) = leaf_failed.borrow().clone() {
+                    return Err(e);
+                }
+                leaf_cv(fs, Ctx::default(), &h, i).inspect_err(|e| *leaf_failed.borrow_mut() = Some(e.clone()))
+            };
+            disk.load_many(&root, &h.geom, &idxs, leaf, |idx, c| {
                 let lead = leads.remove(&idx);
                 match c {
                     Some(c) => {
@@ -378,6 +390,9 @@ fn run(fs: &Fs, job: Job) {
                 }
             });
             drop(leads);
+            if leaf_failed.into_inner().is_some() {
+                return; // prefetching is best effort: the readers ask for what they need
+            }
             for idx in missed {
                 if let Err(e) = chunk(fs, Ctx::default(), &h, idx) {
                     tracing::debug!(chunk = idx, error = %e, "prefetch failed");
@@ -427,5 +442,16 @@ mod tests {
         // 4 KiB reads: a slack of one chunk (256 KiB), not 16 x 4 KiB.
         assert_eq!(s.advance(200 * K, 204 * K, 18, 32), 2, "within a chunk: still a stream");
         assert_eq!(s.advance(900 * K, 904 * K, 18, 32), 0, "3 chunks away: random");
+    }
+
+    #[test]
+    fn random_64k_reads_open_no_stream() {
+        // 64 KiB reads 512 KiB apart: within 16 reads of their size, but no stream is open.
+        let mut s = SeqState::default();
+        assert_eq!(s.advance(4 << 20, (4 << 20) + 64 * K, 18, 32), 0);
+        for i in 1..8u64 {
+            let off = (4 << 20) + i * 576 * K;
+            assert_eq!(s.advance(off, off + 64 * K, 18, 32), 0, "read {i}");
+        }
     }
 }

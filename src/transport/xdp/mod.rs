@@ -629,9 +629,6 @@ thread_local! {
     static KERNEL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The addresses an AF_XDP path on `iface` serves for `bind`: that address; for `0.0.0.0` the
-/// interface's first IPv4 address; for `::` its first IPv4 and first global IPv6 address
-/// (whichever it has), as a dual-stack socket would.
 /// The queues (of `n`) receiving thread `lane` of `lanes` sleeps on: every `lanes`-th from its
 /// own, so that each queue has exactly one thread; all of them when there are fewer queues than
 /// threads (then a thread without a queue of its own would never wake).
@@ -642,6 +639,9 @@ fn lane_queues(lane: usize, lanes: usize, n: usize) -> Vec<usize> {
     (lane % lanes..n).step_by(lanes).collect()
 }
 
+/// The addresses an AF_XDP path on `iface` serves for `bind`: that address; for `0.0.0.0` the
+/// interface's first IPv4 address; for `::` its first IPv4 and first global IPv6 address
+/// (whichever it has), as a dual-stack socket would.
 fn local_addresses(iface: &str, dev: &NetDev, bind: IpAddr) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), XdpError> {
     let err = |m: String| XdpError(m);
     let v6_addrs = || neigh::ipv6_addrs(iface).map_err(|e| err(format!("cannot read the IPv6 addresses of {iface}: {e}")));
@@ -692,7 +692,7 @@ impl DatagramIo for XdpIo {
     }
     /// Each thread sleeps on its own queues: with every thread on every socket, each arrival
     /// woke them all (measured, 2 queues and 2 threads, 1 GiB: 36-38 k context switches of the
-    /// receive threads and 0.69-0.74 s of their system time; 19 k and 0.36-0.41 s so).
+    /// receive threads and 0.69-0.74 s of their system time; 18-19 k and 0.36-0.50 s so).
     fn wait_readable_lane(&self, lane: usize, lanes: usize, timeout: Duration) -> io::Result<bool> {
         self.wait_on(&lane_queues(lane, lanes, self.queues.len()), timeout)
     }
