@@ -72,24 +72,29 @@ impl<K: Eq + Hash + Clone, V: Clone> Drop for Lead<'_, K, V> {
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
+    /// The lead of `key`'s fetch if nobody is fetching it (then in the map), else the slot of
+    /// whoever is. `m` is the locked map.
+    fn join<'a>(&'a self, m: &mut HashMap<K, Arc<Slot<V>>>, key: K) -> Result<Lead<'a, K, V>, Arc<Slot<V>>> {
+        if let Some(s) = m.get(&key) {
+            return Err(s.clone());
+        }
+        let slot = Arc::new(Slot { state: Mutex::new(State::Pending), ready: Condvar::new() });
+        m.insert(key.clone(), slot.clone());
+        Ok(Lead { flight: self, key, slot, done: false })
+    }
+
     /// Run `fetch` for `key` unless another thread already is; then everyone gets its result.
     pub fn run(&self, key: K, fetch: impl FnOnce() -> Result<V, Error>) -> Result<V, Error> {
         let mut fetch = Some(fetch);
         loop {
-            let slot = {
-                let mut m = self.inflight.lock().unwrap();
-                match m.get(&key) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let slot = Arc::new(Slot { state: Mutex::new(State::Pending), ready: Condvar::new() });
-                        m.insert(key.clone(), slot.clone());
-                        drop(m);
-                        let lead = Lead { flight: self, key, slot, done: false };
-                        let r = (fetch.take().expect("fetched once"))();
-                        lead.finish(r.clone());
-                        return r;
-                    }
+            let joined = self.join(&mut self.inflight.lock().unwrap(), key.clone());
+            let slot = match joined {
+                Ok(lead) => {
+                    let r = (fetch.take().expect("fetched once"))();
+                    lead.finish(r.clone());
+                    return r;
                 }
+                Err(slot) => slot,
             };
             let mut st = slot.state.lock().unwrap();
             while matches!(*st, State::Pending) {
@@ -111,12 +116,9 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         let mut out = Vec::new();
         let mut m = self.inflight.lock().unwrap();
         for key in keys {
-            if m.contains_key(&key) {
-                continue;
+            if let Ok(lead) = self.join(&mut m, key) {
+                out.push(lead);
             }
-            let slot = Arc::new(Slot { state: Mutex::new(State::Pending), ready: Condvar::new() });
-            m.insert(key.clone(), slot.clone());
-            out.push(Lead { flight: self, key, slot, done: false });
         }
         out
     }

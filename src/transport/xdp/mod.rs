@@ -688,7 +688,7 @@ impl DatagramIo for XdpIo {
         self.send_impl(dest, buf, seg)
     }
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        self.wait_on(&lane_queues(0, 1, self.queues.len()), timeout)
+        self.wait_readable_lane(0, 1, timeout)
     }
     /// Each thread sleeps on its own queues: with every thread on every socket, each arrival
     /// woke them all (measured, 2 queues and 2 threads, 1 GiB: 36-38 k context switches of the
