@@ -24,6 +24,8 @@ const PREFETCH_THREADS: usize = 12;
 /// Reads up to this size that are not sequential may be served from a few pieces of a chunk in
 /// the disk cache instead of the whole chunk.
 const SPAN_MAX: u64 = 64 << 10;
+/// Prefetched chunks of the disk cache are read in batches of at least this many bytes.
+const DISK_BATCH: u64 = 2 << 20;
 
 /// How far apart reads of one sequential stream may arrive, in requests of their own size: the
 /// kernel has up to this many FUSE requests of a file's readahead in flight (fuser's
@@ -234,16 +236,21 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     let mut from_disk = Vec::new();
     for c in last + 1..(last + 1 + window).min(n) {
         let key = (h.info.root, c);
-        if fs.chunks.contains(&key) || fs.chunk_flight.is_inflight(&key) || !fs.prefetch.claim(key) {
+        if fs.chunks.contains(&key) || fs.chunk_flight.is_inflight(&key) || fs.prefetch.claimed(&key) {
             continue;
         }
         match &fs.disk {
             // Chunks the disk cache holds are read together: one io_uring_enter for the lot.
             Some(d) if d.contains(&h.info.root, c) => from_disk.push(c),
-            _ => fs.prefetch.push(Job::One(h.clone(), c)),
+            _ => {
+                if fs.prefetch.claim(key) {
+                    fs.prefetch.push(Job::One(h.clone(), c))
+                }
+            }
         }
     }
-    if !from_disk.is_empty() {
+    if disk_batch_due(from_disk.len() as u64, from_disk.last() == Some(&(n - 1)), window, log2) {
+        from_disk.retain(|&c| fs.prefetch.claim((h.info.root, c)));
         fs.prefetch.push(Job::Disk(h.clone(), from_disk));
     }
     if first == last {
@@ -274,6 +281,17 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     fs.counters.bytes_read.fetch_add(out.len() as u64, Ordering::Relaxed);
     fs.note_source(h, src);
     Ok(ReadData::Owned(out))
+}
+
+/// Whether `ready` chunks of the disk cache, found in a prefetch window of `window` chunks of
+/// `1 << chunk_log2` bytes, are worth one batch now: at least `DISK_BATCH` bytes (at most a
+/// quarter of the window, so that the reader stays most of a window behind), or whatever is left
+/// when the window has reached the end of the file (`to_end`). A sequential reader of 128 KiB
+/// FUSE requests frees half a 256 KiB chunk per request; sent one by one, those reads kept the
+/// device's queue at 1.5–2 requests of 400–800 KiB.
+fn disk_batch_due(ready: u64, to_end: bool, window: u64, chunk_log2: u8) -> bool {
+    let batch = (DISK_BATCH >> chunk_log2).min(window / 4).max(1);
+    ready > 0 && (ready >= batch || to_end)
 }
 
 /// Work for the prefetch threads.
@@ -320,6 +338,10 @@ impl Prefetcher {
                 }
             });
         }
+    }
+
+    fn claimed(&self, key: &ChunkKey) -> bool {
+        self.claimed.lock().unwrap().contains(key)
     }
 
     /// Mark `key` as being prefetched; false if it already is.
@@ -404,7 +426,7 @@ fn run(fs: &Fs, job: Job) {
 
 #[cfg(test)]
 mod tests {
-    use super::SeqState;
+    use super::{disk_batch_due, SeqState};
 
     const K: u64 = 1 << 10;
 
@@ -453,5 +475,21 @@ mod tests {
             let off = (4 << 20) + i * 576 * K;
             assert_eq!(s.advance(off, off + 64 * K, 18, 32), 0, "read {i}");
         }
+    }
+
+    #[test]
+    fn disk_reads_wait_for_a_batch_unless_the_window_is_small_or_at_the_end() {
+        // 256 KiB chunks, a full window of 32: 8 chunks (2 MiB) make a batch.
+        assert!(!disk_batch_due(7, false, 32, 18));
+        assert!(disk_batch_due(8, false, 32, 18));
+        assert!(disk_batch_due(1, true, 32, 18), "the file's last chunks go at once");
+        assert!(!disk_batch_due(0, true, 32, 18));
+        // While the window opens, a quarter of it is a batch: the first reads are not held back.
+        assert!(disk_batch_due(1, false, 1, 18) && disk_batch_due(1, false, 2, 18));
+        assert!(!disk_batch_due(1, false, 8, 18) && disk_batch_due(2, false, 8, 18));
+        // Small chunks: a quarter of the window, not 2 MiB of them.
+        assert!(disk_batch_due(8, false, 32, 12));
+        // Huge chunks: one is a batch.
+        assert!(disk_batch_due(1, false, 32, 24));
     }
 }
