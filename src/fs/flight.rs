@@ -196,6 +196,21 @@ impl ChunkLru {
         }
     }
 
+    /// Let go of chunks `idxs` of the file with root `root` (a stream has passed them); their
+    /// piece values are kept.
+    pub fn forget(&self, root: [u8; 32], idxs: std::ops::Range<u64>) {
+        if idxs.is_empty() {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap();
+        let (lru, bytes) = &mut *g;
+        for i in idxs {
+            if let Some((old, _)) = lru.pop(&(root, i)) {
+                *bytes -= old.mem_cost() as u64;
+            }
+        }
+    }
+
     pub fn bytes(&self) -> u64 {
         self.inner.lock().unwrap().1
     }
@@ -224,6 +239,21 @@ mod tests {
         assert!(c.get(&([0; 32], 0)).is_none());
         c.insert(([1; 32], 1), chunk(20_000, 1), Source::Network); // larger than the whole cache: not kept
         assert!(c.bytes() <= 10_000);
+    }
+
+    #[test]
+    fn forget_lets_go_of_a_files_chunks_and_their_bytes() {
+        let c = ChunkLru::new(100_000);
+        for i in 0..5u64 {
+            c.insert(([7; 32], i), chunk(1000, i as u8), Source::Network);
+        }
+        c.insert(([8; 32], 1), chunk(1000, 9), Source::Network);
+        c.forget([7; 32], 1..3);
+        assert!(c.contains(&([7; 32], 0)) && c.contains(&([7; 32], 3)));
+        assert!(!c.contains(&([7; 32], 1)) && !c.contains(&([7; 32], 2)));
+        assert!(c.contains(&([8; 32], 1)), "another file's chunk 1 stays");
+        assert_eq!(c.bytes(), 4 * chunk(1000, 0).mem_cost() as u64);
+        c.forget([7; 32], 0..0);
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct SeqState {
     next_off: u64,
     /// Chunks to prefetch ahead; 0 while reads are not sequential.
     window: u64,
+    /// The first chunk the stream has not left behind yet (see [`SeqState::passed`]).
+    behind: u64,
 }
 
 impl SeqState {
@@ -59,8 +61,27 @@ impl SeqState {
         } else {
             self.window = 0;
             self.next_off = end;
+            self.behind = offset >> chunk_log2;
         }
         self.window
+    }
+
+    /// The chunks an open stream of `read_len`-byte reads has left behind for good since the
+    /// last call: those that end max(two chunks, `REORDER` reads) or more before its furthest
+    /// end, from where the stream began. Late readahead requests still find theirs within that
+    /// margin. Empty while no stream is open.
+    pub fn passed(&mut self, read_len: u64, chunk_log2: u8) -> std::ops::Range<u64> {
+        if self.window == 0 {
+            return 0..0;
+        }
+        let margin = (2u64 << chunk_log2).max(read_len.saturating_mul(REORDER));
+        let upto = self.next_off.saturating_sub(margin) >> chunk_log2;
+        let from = self.behind;
+        if upto <= from {
+            return 0..0;
+        }
+        self.behind = upto;
+        from..upto
     }
 }
 
@@ -231,7 +252,14 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     // reader gets to them would be read twice (measured: a 96-chunk window with a 16 MiB memory
     // cache read 5x slower).
     let fits = ((fs.cfg.mem_cache >> log2) / 2).max(1);
-    let window = h.seq.lock().unwrap().advance(offset, end, log2, fs.cfg.max_prefetch.min(fits));
+    let (window, passed) = {
+        let mut seq = h.seq.lock().unwrap();
+        let w = seq.advance(offset, end, log2, fs.cfg.max_prefetch.min(fits));
+        (w, seq.passed(end - offset, log2))
+    };
+    // Drop-behind: a stream's chunks are in the page cache once read, and kept here as well they
+    // filled the memory cache (and grew its registered memory, faulted in fresh) for nothing.
+    fs.chunks.forget(h.info.root, passed);
     let n = h.geom.n_chunks();
     let mut from_disk = Vec::new();
     for c in last + 1..(last + 1 + window).min(n) {
@@ -449,6 +477,38 @@ mod tests {
             assert_eq!(s.advance(i * mb, (i + 1) * mb, 18, 32), 32, "request {i}");
         }
         assert_eq!(s.next_off, 12 * mb, "a late read does not move the stream back");
+    }
+
+    #[test]
+    fn a_stream_lets_go_of_what_it_passed_once_and_in_order() {
+        let mut s = SeqState::default();
+        let mut gone = Vec::new();
+        for i in 0..32 {
+            s.advance(i * 128 * K, (i + 1) * 128 * K, 18, 32);
+            gone.extend(s.passed(128 * K, 18));
+        }
+        // 4 MiB read in 128 KiB requests: 2 MiB (16 requests) kept behind, 8 chunks let go.
+        assert_eq!(gone, (0..8).collect::<Vec<_>>());
+        // A late request inside the margin changes nothing.
+        s.advance(3 << 20, (3 << 20) + 128 * K, 18, 32);
+        assert!(s.passed(128 * K, 18).is_empty());
+        // A jump closes the stream; the new one never lets go of chunks before where it began.
+        let far = 64 << 20;
+        s.advance(far, far + 128 * K, 18, 32);
+        assert!(s.passed(128 * K, 18).is_empty(), "no stream open");
+        let mut gone = Vec::new();
+        for i in 1..40 {
+            s.advance(far + i * 128 * K, far + (i + 1) * 128 * K, 18, 32);
+            gone.extend(s.passed(128 * K, 18));
+        }
+        assert_eq!(gone.first(), Some(&256), "from the chunk the stream began in");
+        assert!(gone.windows(2).all(|w| w[1] == w[0] + 1));
+        // Random reads let go of nothing.
+        let mut s = SeqState::default();
+        for i in 0..8u64 {
+            s.advance((i * 7 % 5) << 24, ((i * 7 % 5) << 24) + 4 * K, 18, 32);
+            assert!(s.passed(4 * K, 18).is_empty());
+        }
     }
 
     #[test]
