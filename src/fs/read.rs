@@ -279,7 +279,9 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     }
     if disk_batch_due(from_disk.len() as u64, from_disk.last() == Some(&(n - 1)), window, log2) {
         from_disk.retain(|&c| fs.prefetch.claim((h.info.root, c)));
-        fs.prefetch.push(Job::Disk(h.clone(), from_disk));
+        if !from_disk.is_empty() {
+            fs.prefetch.push(Job::Disk(h.clone(), from_disk));
+        }
     }
     if first == last {
         if window == 0 {
