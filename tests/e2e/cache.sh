@@ -87,6 +87,7 @@ expect() {
 }
 gt() { [ "${1:-0}" -gt "$2" ]; }
 eq() { [ "${1:-x}" = "$2" ]; }
+atmost() { [ -n "${1:-}" ] && [ "$1" -le "$2" ]; }
 
 # --- cold, warm, passthrough ---------------------------------------------------------------
 OPTS="cache_dir=$CACHE,cache_size=1G,attr_timeout=1"
@@ -154,12 +155,16 @@ if cmount "stream: cold" "$M" "$SOPTS"; then
     expect "stream: every chunk was admitted to the cache" eq "$(stat_of "$M" cache_not_admitted)" 0
     expect "stream: the data file was allocated a group (8 MiB) at a time" gt "$(stat_of "$M" cache_prealloc_groups)" $((STREAM_MIB / 16))
     expect "stream: no room is held ahead once the whole file is in" eq "$(stat_of "$M" cache_spare_bytes)" 0
+    # Drop-behind: the reader's chunks are in the page cache; the memory cache (256 MiB by
+    # default) keeps only the last window (8 MiB) and the margin behind it (2 MiB).
+    expect "stream: the memory cache kept only the stream's window (at most 24 MiB)" atmost "$(stat_of "$M" memory_cache_bytes)" $((24 << 20))
     umount_ok "stream: cold" "$M"
 fi
 drop_caches
 if cmount "stream: warm" "$M" "$SOPTS"; then
     check "stream: warm read byte-identical" timeout 300 cmp "$SRC/stream.bin" "$M/stream.bin"
     expect "stream: warm read took nothing from the network" eq "$(stat_of "$M" bytes_from_network)" 0
+    expect "stream: warm, the memory cache kept only the stream's window" atmost "$(stat_of "$M" memory_cache_bytes)" $((24 << 20))
     umount_ok "stream: warm" "$M"
 fi
 rm -f "$SRC/stream.bin"
