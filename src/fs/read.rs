@@ -41,6 +41,8 @@ pub struct SeqState {
     window: u64,
     /// The first chunk the stream has not left behind yet (see [`SeqState::passed`]).
     behind: u64,
+    /// The longest read of the stream so far.
+    longest: u64,
 }
 
 impl SeqState {
@@ -58,23 +60,26 @@ impl SeqState {
         if offset == self.next_off || (self.next_off > 0 && offset.abs_diff(self.next_off) <= slack) {
             self.window = (self.window * 2).clamp(1, cap.max(1));
             self.next_off = self.next_off.max(end);
+            self.longest = self.longest.max(end - offset);
         } else {
             self.window = 0;
             self.next_off = end;
             self.behind = offset >> chunk_log2;
+            self.longest = end - offset;
         }
         self.window
     }
 
-    /// The chunks an open stream of `read_len`-byte reads has left behind for good since the
-    /// last call: those that end max(two chunks, `REORDER` reads) or more before its furthest
-    /// end, from where the stream began. Late readahead requests still find theirs within that
-    /// margin. Empty while no stream is open.
-    pub fn passed(&mut self, read_len: u64, chunk_log2: u8) -> std::ops::Range<u64> {
+    /// The chunks an open stream has left behind for good since the last call: those that end
+    /// max(two chunks, `REORDER` of its longest reads) or more before its furthest end, from
+    /// where the stream began. Late readahead requests still find theirs within that margin
+    /// (sized by the longest read, so that a short one — the file's last bytes, a page fault —
+    /// does not shrink it). Empty while no stream is open.
+    pub fn passed(&mut self, chunk_log2: u8) -> std::ops::Range<u64> {
         if self.window == 0 {
             return 0..0;
         }
-        let margin = (2u64 << chunk_log2).max(read_len.saturating_mul(REORDER));
+        let margin = (2u64 << chunk_log2).max(self.longest.saturating_mul(REORDER));
         let upto = self.next_off.saturating_sub(margin) >> chunk_log2;
         let from = self.behind;
         if upto <= from {
@@ -255,7 +260,7 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     let (window, passed) = {
         let mut seq = h.seq.lock().unwrap();
         let w = seq.advance(offset, end, log2, fs.cfg.max_prefetch.min(fits));
-        (w, seq.passed(end - offset, log2))
+        (w, seq.passed(log2))
     };
     // Drop-behind: a stream's chunks are in the page cache once read, and kept here as well they
     // filled the memory cache (and grew its registered memory, faulted in fresh) for nothing.
@@ -277,7 +282,7 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
             }
         }
     }
-    if disk_batch_due(from_disk.len() as u64, from_disk.last() == Some(&(n - 1)), window, log2) {
+    if disk_batch_due(from_disk.len() as u64, last + 1 + window >= n, window, log2) {
         from_disk.retain(|&c| fs.prefetch.claim((h.info.root, c)));
         if !from_disk.is_empty() {
             fs.prefetch.push(Job::Disk(h.clone(), from_disk));
@@ -314,9 +319,9 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
 }
 
 /// Whether `ready` chunks of the disk cache, found in a prefetch window of `window` chunks of
-/// `1 << chunk_log2` bytes, are worth one batch now: at least `DISK_BATCH` bytes (at most a
-/// quarter of the window, so that the reader stays most of a window behind), or whatever is left
-/// when the window has reached the end of the file (`to_end`). A sequential reader of 128 KiB
+/// `1 << chunk_log2` bytes, are worth one batch now: min(`DISK_BATCH` bytes, a quarter of the
+/// window) — so that the reader stays most of a window behind — or whatever is left once the
+/// window reaches the end of the file (`to_end`). A sequential reader of 128 KiB
 /// FUSE requests frees half a 256 KiB chunk per request; sent one by one, those reads kept the
 /// device's queue at 1.5–2 requests of 400–800 KiB.
 fn disk_batch_due(ready: u64, to_end: bool, window: u64, chunk_log2: u8) -> bool {
@@ -487,21 +492,24 @@ mod tests {
         let mut gone = Vec::new();
         for i in 0..32 {
             s.advance(i * 128 * K, (i + 1) * 128 * K, 18, 32);
-            gone.extend(s.passed(128 * K, 18));
+            gone.extend(s.passed(18));
         }
         // 4 MiB read in 128 KiB requests: 2 MiB (16 requests) kept behind, 8 chunks let go.
         assert_eq!(gone, (0..8).collect::<Vec<_>>());
         // A late request inside the margin changes nothing.
         s.advance(3 << 20, (3 << 20) + 128 * K, 18, 32);
-        assert!(s.passed(128 * K, 18).is_empty());
+        assert!(s.passed(18).is_empty());
+        // Nor does a short read: the margin stays 16 of the stream's longest reads.
+        s.advance(4 << 20, (4 << 20) + 4 * K, 18, 32);
+        assert!(s.passed(18).is_empty(), "a 4 KiB read does not shrink the margin to two chunks");
         // A jump closes the stream; the new one never lets go of chunks before where it began.
         let far = 64 << 20;
         s.advance(far, far + 128 * K, 18, 32);
-        assert!(s.passed(128 * K, 18).is_empty(), "no stream open");
+        assert!(s.passed(18).is_empty(), "no stream open");
         let mut gone = Vec::new();
         for i in 1..40 {
             s.advance(far + i * 128 * K, far + (i + 1) * 128 * K, 18, 32);
-            gone.extend(s.passed(128 * K, 18));
+            gone.extend(s.passed(18));
         }
         assert_eq!(gone.first(), Some(&256), "from the chunk the stream began in");
         assert!(gone.windows(2).all(|w| w[1] == w[0] + 1));
@@ -509,7 +517,7 @@ mod tests {
         let mut s = SeqState::default();
         for i in 0..8u64 {
             s.advance((i * 7 % 5) << 24, ((i * 7 % 5) << 24) + 4 * K, 18, 32);
-            assert!(s.passed(4 * K, 18).is_empty());
+            assert!(s.passed(18).is_empty());
         }
     }
 

@@ -156,7 +156,7 @@ if cmount "stream: cold" "$M" "$SOPTS"; then
     expect "stream: the data file was allocated a group (8 MiB) at a time" gt "$(stat_of "$M" cache_prealloc_groups)" $((STREAM_MIB / 16))
     expect "stream: no room is held ahead once the whole file is in" eq "$(stat_of "$M" cache_spare_bytes)" 0
     # Drop-behind: the reader's chunks are in the page cache; the memory cache (256 MiB by
-    # default) keeps only the last window (8 MiB) and the margin behind it (2 MiB).
+    # default) keeps at most a window (8 MiB) and the margin behind the reader (2 MiB).
     expect "stream: the memory cache kept only the stream's window (at most 24 MiB)" atmost "$(stat_of "$M" memory_cache_bytes)" $((24 << 20))
     umount_ok "stream: cold" "$M"
 fi
