@@ -670,6 +670,7 @@ impl Fs {
                 let _ = writeln!(s, "cache_uring_slots {}", io.slots);
                 let _ = writeln!(s, "cache_zero_copy_writes {}", io.zero_copy_writes);
                 let _ = writeln!(s, "cache_zero_copy_reads {}", io.zero_copy_reads);
+                let _ = writeln!(s, "cache_thread_ring_reads {}", io.here_reads);
                 h
             }
             None => {

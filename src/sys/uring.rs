@@ -22,6 +22,7 @@
 //! - Fallback: when the ring cannot be set up, buffers cannot be registered, or the kernel lacks
 //!   an opcode, the thread says so once and serves the same requests with `pread`/`pwrite`.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
@@ -32,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::arena::{Arena, ArenaState, Lease, Lender, Region};
 pub use super::arena::AlignedBuf;
@@ -115,6 +117,8 @@ pub struct IoCounts {
     pub zero_copy_reads: u64,
     /// Slots registered now.
     pub slots: u64,
+    /// Reads done on the requesting thread's own ring ([`IoThread::read_here`]).
+    pub here_reads: u64,
 }
 
 /// How much batching happened and how often bytes stayed where they were; see [`IoCounts`].
@@ -126,6 +130,7 @@ pub struct IoStats {
     pub zero_copy_writes: AtomicU64,
     pub zero_copy_reads: AtomicU64,
     pub slots: AtomicU64,
+    pub here_reads: AtomicU64,
 }
 
 impl IoStats {
@@ -138,6 +143,7 @@ impl IoStats {
             zero_copy_writes: g(&self.zero_copy_writes),
             zero_copy_reads: g(&self.zero_copy_reads),
             slots: g(&self.slots),
+            here_reads: g(&self.here_reads),
         }
     }
 }
@@ -147,6 +153,7 @@ pub struct IoThread {
     tx: Sender<Msg>,
     wake: Option<Arc<File>>,
     mode: Mode,
+    align: usize,
     arena: Option<Arc<Arena>>,
     join: Option<JoinHandle<()>>,
     pub stats: Arc<IoStats>,
@@ -182,7 +189,7 @@ impl IoThread {
             Some(r) => r.run(rx, &st),
             None => run_sync(AlignedBuf::new(cfg.buf_size, cfg.align), rx, cfg.buf_size),
         })?;
-        Ok(IoThread { tx, wake, mode, arena, join: Some(join), stats })
+        Ok(IoThread { tx, wake, mode, align: cfg.align, arena, join: Some(join), stats })
     }
 
     pub fn mode(&self) -> Mode {
@@ -215,6 +222,30 @@ impl IoThread {
         self.poke();
     }
 
+    /// Read `len` bytes (at most [`HERE_MAX`]) at `offset` of `file` on the calling thread's own
+    /// small ring, waiting at most `deadline`: see [`Here`]. The bytes read are copied out (fewer
+    /// at end of file); a read past the deadline is an error of kind `TimedOut`. None: no ring of
+    /// its own works on this thread, the read is too large, this thread's buffer still belongs
+    /// to an earlier read that outlived its deadline, or this store uses pread/pwrite — submit
+    /// it to the ring thread instead.
+    pub fn read_here(&self, file: &File, offset: u64, len: usize, deadline: Duration) -> Option<io::Result<Buf>> {
+        if self.mode != Mode::Uring || len > HERE_MAX {
+            return None;
+        }
+        HERE.with(|h| {
+            let mut h = h.borrow_mut();
+            if h.as_ref().is_some_and(|r| r.as_ref().is_ok_and(|r| r.align < self.align)) {
+                *h = None;
+            }
+            let here = h.get_or_insert_with(|| {
+                Here::new(self.align).map_err(|e| tracing::debug!("no io_uring ring of this thread's own ({e}); reads go through the ring thread"))
+            });
+            let r = here.as_mut().ok()?.read(file, offset, len, deadline)?;
+            self.stats.here_reads.fetch_add(1, Ordering::Relaxed);
+            Some(r)
+        })
+    }
+
     fn poke(&self) {
         if let Some(w) = &self.wake {
             poke(w);
@@ -232,6 +263,102 @@ impl Drop for IoThread {
         self.poke();
         if let Some(j) = self.join.take() {
             let _ = j.join();
+        }
+    }
+}
+
+/// The largest read a thread's own ring takes ([`IoThread::read_here`]): a few pieces and the
+/// block in front of them.
+pub const HERE_MAX: usize = 128 << 10;
+
+thread_local! {
+    /// This thread's own ring: made at its first short read, Err when it cannot be.
+    static HERE: RefCell<Option<Result<Here, ()>>> = const { RefCell::new(None) };
+}
+
+/// A ring of one thread's own, for a reader's short random reads from the disk cache: the thread
+/// submits one `ReadFixed` into the one buffer registered with it and waits in `io_uring_enter`
+/// itself. Through the ring thread the same read wakes two threads more (the ring thread at the
+/// request and at the completion), and on a VM a wake-up costs tens of microseconds. One owner,
+/// like every ring: the thread it belongs to.
+struct Here {
+    ring: IoUring,
+    /// Dropped after the ring; leaked instead while `busy` (the kernel may still write it).
+    buf: std::mem::ManuallyDrop<AlignedBuf>,
+    align: usize,
+    /// A read outlived its deadline: the buffer belongs to it until its completion is reaped.
+    busy: bool,
+}
+
+impl Here {
+    fn new(align: usize) -> io::Result<Here> {
+        let ring = IoUring::new(4)?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(opcode::ReadFixed::CODE) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "kernel lacks IORING_OP_READ_FIXED"));
+        }
+        let buf = AlignedBuf::new(HERE_MAX + align, align);
+        let iov = libc::iovec { iov_base: buf.ptr.as_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: the iovec describes `buf`, which is freed only after the ring is gone (Drop
+        // below), or never when a read may still be writing it.
+        unsafe { ring.submitter().register_buffers(&[iov])? };
+        Ok(Here { ring, buf: std::mem::ManuallyDrop::new(buf), align, busy: false })
+    }
+
+    fn read(&mut self, file: &File, offset: u64, len: usize, deadline: Duration) -> Option<io::Result<Buf>> {
+        if self.busy {
+            // The late read's completion, if it has come by now.
+            self.busy = self.ring.completion().next().is_none();
+            if self.busy {
+                return None;
+            }
+        }
+        let e = opcode::ReadFixed::new(types::Fd(file.as_raw_fd()), self.buf.ptr.as_ptr(), len as u32, 0).offset(offset).build();
+        // SAFETY: buffer 0 is `buf`, registered above, HERE_MAX + align ≥ len bytes long; it is
+        // not in use (not busy), and stays ours until this read's completion is reaped: below,
+        // or, past the deadline, by a later call (`busy`), or never (leaked in Drop). `file`
+        // outlives the read only as far as the wait below: past the deadline the kernel holds
+        // its own reference to the open file for the request. The SQ is empty (one read at a
+        // time).
+        unsafe { self.ring.submission().push(&e).expect("the thread's own ring has room") };
+        let until = Instant::now() + deadline;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let ts = types::Timespec::new().sec(left.as_secs()).nsec(left.subsec_nanos());
+            match self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&ts)) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::ETIME)) => {}
+                Err(e) => {
+                    // Whether the read went in is unknown: keep the buffer out of use for good.
+                    self.busy = true;
+                    return Some(Err(e));
+                }
+            }
+            if let Some(c) = self.ring.completion().next() {
+                let r = c.result();
+                return Some(if r < 0 {
+                    Err(io::Error::from_raw_os_error(-r))
+                } else {
+                    let mut v = crate::chunk::pool::take_vec(r as usize);
+                    v.copy_from_slice(&self.buf.as_slice()[..r as usize]);
+                    Ok(v.into())
+                });
+            }
+            if left.is_zero() {
+                self.busy = true;
+                return Some(Err(io::Error::new(io::ErrorKind::TimedOut, "disk read past its deadline")));
+            }
+        }
+    }
+}
+
+impl Drop for Here {
+    fn drop(&mut self) {
+        if !self.busy && self.ring.submitter().unregister_buffers().is_ok() {
+            // SAFETY: no read is in flight and the buffer is no longer registered, so the kernel
+            // has no way left to write it.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.buf) }
         }
     }
 }
@@ -729,6 +856,53 @@ mod tests {
     #[test]
     fn uring_roundtrip_and_batching() {
         roundtrip(false);
+    }
+
+    /// A thread's own ring: reads land right (short at end of file), too large a read or a store
+    /// on pread/pwrite goes to the ring thread, and a read past its deadline keeps the buffer
+    /// until its completion is reaped (a pipe that stays empty stands in for a stuck disk).
+    #[test]
+    fn reads_on_the_threads_own_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..40000u32).map(|j| (j % 241) as u8).collect();
+        std::fs::write(dir.path().join("f"), &data).unwrap();
+        let f = std::fs::File::open(dir.path().join("f")).unwrap();
+        let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, max_bufs: 4, force_sync: false }).unwrap();
+        let secs = std::time::Duration::from_secs(5);
+        let got = io.read_here(&f, 8192, 16384, secs).expect("a ring of its own").unwrap();
+        assert_eq!(&got[..], &data[8192..24576]);
+        let tail = io.read_here(&f, 32768, 16384, secs).unwrap().unwrap();
+        assert_eq!(&tail[..], &data[32768..], "short at end of file");
+        assert!(io.read_here(&f, 0, HERE_MAX + 1, secs).is_none(), "too large: the ring thread's");
+        assert_eq!(io.stats.here_reads.load(Ordering::Relaxed), 2);
+        // Another thread gets a ring of its own.
+        std::thread::scope(|s| {
+            s.spawn(|| assert_eq!(&io.read_here(&f, 0, 4096, secs).unwrap().unwrap()[..], &data[..4096]));
+        });
+        let sync = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, max_bufs: 4, force_sync: true }).unwrap();
+        assert!(sync.read_here(&f, 0, 4096, secs).is_none(), "pread/pwrite mode: no ring here");
+
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two new descriptors into `fds`, which we then own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both are fresh descriptors nothing else owns.
+        let (r, mut w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let t0 = Instant::now();
+        let late = io.read_here(&r, 0, 4096, std::time::Duration::from_millis(100)).unwrap();
+        assert_eq!(late.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(t0.elapsed() < secs, "the deadline holds");
+        assert!(io.read_here(&f, 0, 4096, secs).is_none(), "the buffer still belongs to the late read");
+        w.write_all(b"late").unwrap();
+        let mut again = None;
+        for _ in 0..500 {
+            again = io.read_here(&f, 4096, 4096, secs);
+            if again.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let again = again.expect("the late read's completion frees the buffer").unwrap();
+        assert_eq!(&again[..], &data[4096..8192], "the late read's bytes never show up in a later one");
     }
 
     #[test]

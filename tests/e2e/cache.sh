@@ -191,6 +191,7 @@ if cmount span "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
     timeout 60 cat "$M/big.bin" >/dev/null # every chunk verified once: their piece CVs are known
     check "span: 400 random O_DIRECT reads (4-64 KiB) read the right bytes" randread "$SRC/big.bin" "$M/big.bin" 1
     expect "span: served from pieces of chunks in the disk cache" gt "$(stat_of "$M" cache_span_reads)" 100
+    expect "span: ... read on the FUSE threads' own io_uring rings" gt "$(stat_of "$M" cache_thread_ring_reads)" 100
     SPAND=$(data_file "$CACHE" "$SRC/big.bin")
     for at in 1 5 9 13 17 21; do flip "$SPAND" $((at * CHUNK + 3 * 16384 + 77)) 2>/dev/null; done
     check "span: with six damaged pieces on disk, 400 more random reads are still right" randread "$SRC/big.bin" "$M/big.bin" 2
