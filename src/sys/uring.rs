@@ -293,6 +293,10 @@ struct Here {
 impl Here {
     fn new(align: usize) -> io::Result<Here> {
         let ring = IoUring::new(4)?;
+        if !ring.params().is_feature_ext_arg() {
+            // Kernel < 5.11: no timeout on the wait, so no deadline.
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "kernel lacks IORING_FEAT_EXT_ARG"));
+        }
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         if !probe.is_supported(opcode::ReadFixed::CODE) {
@@ -330,9 +334,12 @@ impl Here {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::ETIME)) => {}
                 Err(e) => {
-                    // Whether the read went in is unknown: keep the buffer out of use for good.
+                    // Whether the read went in is unknown: keep the buffer out of use for good
+                    // (this thread's reads go through the ring thread from now on, this one too).
+                    // Not the cache entry's fault, so not an error for it.
+                    tracing::warn!("io_uring_enter on a reading thread's own ring failed ({e}); its reads go through the ring thread");
                     self.busy = true;
-                    return Some(Err(e));
+                    return None;
                 }
             }
             if let Some(c) = self.ring.completion().next() {
