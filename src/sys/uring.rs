@@ -19,6 +19,9 @@
 //! - Waking: an `eventfd` read is kept armed in the ring; a requester writes the eventfd after
 //!   queueing (so does a returned slot the thread waits for, and a borrower that found none), so
 //!   the ring thread only ever sleeps inside `io_uring_enter`.
+//! - Short reads on the reader's own ring: a reading thread may instead do a small read on a
+//!   ring of its own ([`IoThread::read_here`], one registered buffer, waited for in place), two
+//!   wake-ups fewer than a round trip through the ring thread. That ring, too, has one owner.
 //! - Fallback: when the ring cannot be set up, buffers cannot be registered, or the kernel lacks
 //!   an opcode, the thread says so once and serves the same requests with `pread`/`pwrite`.
 
