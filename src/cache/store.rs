@@ -294,17 +294,19 @@ impl Store {
         let lead = if p.direct { start % sh.align as usize } else { 0 };
         let read_len = if p.direct { round_up(lead + len, sh.align as usize) } else { len };
         let offset = geom.chunk_offset(idx) + (start - lead) as u64;
-        // On this thread's own ring when it has one (two wake-ups fewer), else the ring thread's.
-        let r = match sh.io.read_here(&p.file, offset, read_len, READ_DEADLINE) {
+        // On this thread's own ring when it has one (two wake-ups fewer), else the ring thread's;
+        // either way the bytes past `lead` are copied out once.
+        let r = match sh.io.read_here(&p.file, offset, read_len, lead, READ_DEADLINE) {
             Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut => Err(RecvTimeoutError::Timeout),
             Some(r) => Ok(r),
             None => {
                 let (tx, rx) = sync_channel(1);
                 sh.io.submit(Op::Read { file: p.file.clone(), offset, len: read_len }, Box::new(move |r| drop(tx.send(r))));
-                rx.recv_timeout(READ_DEADLINE)
+                rx.recv_timeout(READ_DEADLINE).map(|r| r.map(|b| Buf::from(b.get(lead..).unwrap_or_default().to_vec())))
             }
         };
-        let data = self.read_result(root, idx, r, lead + len)?[lead..lead + len].to_vec();
+        let mut data = self.read_result(root, idx, r, len)?.into_vec();
+        data.truncate(len);
         match VerifiedSpan::verify(geom, pieces, first, data) {
             Ok(s) => {
                 Stats::add(&sh.stats.span_reads, 1);

@@ -226,12 +226,13 @@ impl IoThread {
     }
 
     /// Read `len` bytes (at most [`HERE_MAX`]) at `offset` of `file` on the calling thread's own
-    /// small ring, waiting at most `deadline`: see [`Here`]. The bytes read are copied out (fewer
-    /// at end of file); a read past the deadline is an error of kind `TimedOut`. None: no ring of
+    /// small ring, waiting at most `deadline`: see [`Here`]. The bytes read after the first `skip`
+    /// are copied out (fewer at end of file: the caller's `O_DIRECT` padding in front is never
+    /// copied); a read past the deadline is an error of kind `TimedOut`. None: no ring of
     /// its own works on this thread, the read is too large, this thread's buffer still belongs
     /// to an earlier read that outlived its deadline, or this store uses pread/pwrite — submit
     /// it to the ring thread instead.
-    pub fn read_here(&self, file: &File, offset: u64, len: usize, deadline: Duration) -> Option<io::Result<Buf>> {
+    pub fn read_here(&self, file: &File, offset: u64, len: usize, skip: usize, deadline: Duration) -> Option<io::Result<Buf>> {
         if self.mode != Mode::Uring || len > HERE_MAX {
             return None;
         }
@@ -243,7 +244,7 @@ impl IoThread {
             let here = h.get_or_insert_with(|| {
                 Here::new(self.align).map_err(|e| tracing::debug!("no io_uring ring of this thread's own ({e}); reads go through the ring thread"))
             });
-            let r = here.as_mut().ok()?.read(file, offset, len, deadline)?;
+            let r = here.as_mut().ok()?.read(file, offset, len, skip, deadline)?;
             self.stats.here_reads.fetch_add(1, Ordering::Relaxed);
             Some(r)
         })
@@ -313,7 +314,7 @@ impl Here {
         Ok(Here { ring, buf: std::mem::ManuallyDrop::new(buf), align, busy: false })
     }
 
-    fn read(&mut self, file: &File, offset: u64, len: usize, deadline: Duration) -> Option<io::Result<Buf>> {
+    fn read(&mut self, file: &File, offset: u64, len: usize, skip: usize, deadline: Duration) -> Option<io::Result<Buf>> {
         if self.busy {
             // The late read's completion, if it has come by now.
             self.busy = self.ring.completion().next().is_none();
@@ -350,8 +351,9 @@ impl Here {
                 return Some(if r < 0 {
                     Err(io::Error::from_raw_os_error(-r))
                 } else {
-                    let mut v = crate::chunk::pool::take_vec(r as usize);
-                    v.copy_from_slice(&self.buf.as_slice()[..r as usize]);
+                    let kept = self.buf.as_slice().get(skip..r as usize).unwrap_or_default();
+                    let mut v = crate::chunk::pool::take_vec(kept.len());
+                    v.copy_from_slice(kept);
                     Ok(v.into())
                 });
             }
@@ -879,18 +881,20 @@ mod tests {
         let f = std::fs::File::open(dir.path().join("f")).unwrap();
         let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, max_bufs: 4, force_sync: false }).unwrap();
         let secs = std::time::Duration::from_secs(5);
-        let got = io.read_here(&f, 8192, 16384, secs).expect("a ring of its own").unwrap();
+        let got = io.read_here(&f, 8192, 16384, 0, secs).expect("a ring of its own").unwrap();
         assert_eq!(&got[..], &data[8192..24576]);
-        let tail = io.read_here(&f, 32768, 16384, secs).unwrap().unwrap();
+        let tail = io.read_here(&f, 32768, 16384, 0, secs).unwrap().unwrap();
         assert_eq!(&tail[..], &data[32768..], "short at end of file");
-        assert!(io.read_here(&f, 0, HERE_MAX + 1, secs).is_none(), "too large: the ring thread's");
-        assert_eq!(io.stats.here_reads.load(Ordering::Relaxed), 2);
+        let skipped = io.read_here(&f, 8192, 8192, 512, secs).unwrap().unwrap();
+        assert_eq!(&skipped[..], &data[8704..16384], "the first bytes skipped, not copied");
+        assert!(io.read_here(&f, 0, HERE_MAX + 1, 0, secs).is_none(), "too large: the ring thread's");
+        assert_eq!(io.stats.here_reads.load(Ordering::Relaxed), 3);
         // Another thread gets a ring of its own.
         std::thread::scope(|s| {
-            s.spawn(|| assert_eq!(&io.read_here(&f, 0, 4096, secs).unwrap().unwrap()[..], &data[..4096]));
+            s.spawn(|| assert_eq!(&io.read_here(&f, 0, 4096, 0, secs).unwrap().unwrap()[..], &data[..4096]));
         });
         let sync = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, max_bufs: 4, force_sync: true }).unwrap();
-        assert!(sync.read_here(&f, 0, 4096, secs).is_none(), "pread/pwrite mode: no ring here");
+        assert!(sync.read_here(&f, 0, 4096, 0, secs).is_none(), "pread/pwrite mode: no ring here");
 
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two new descriptors into `fds`, which we then own.
@@ -898,14 +902,14 @@ mod tests {
         // SAFETY: both are fresh descriptors nothing else owns.
         let (r, mut w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
         let t0 = Instant::now();
-        let late = io.read_here(&r, 0, 4096, std::time::Duration::from_millis(100)).unwrap();
+        let late = io.read_here(&r, 0, 4096, 0, std::time::Duration::from_millis(100)).unwrap();
         assert_eq!(late.unwrap_err().kind(), io::ErrorKind::TimedOut);
         assert!(t0.elapsed() < secs, "the deadline holds");
-        assert!(io.read_here(&f, 0, 4096, secs).is_none(), "the buffer still belongs to the late read");
+        assert!(io.read_here(&f, 0, 4096, 0, secs).is_none(), "the buffer still belongs to the late read");
         w.write_all(b"late").unwrap();
         let mut again = None;
         for _ in 0..500 {
-            again = io.read_here(&f, 4096, 4096, secs);
+            again = io.read_here(&f, 4096, 4096, 0, secs);
             if again.is_some() {
                 break;
             }
