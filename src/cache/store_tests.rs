@@ -358,6 +358,16 @@ fn allocated(d: &Path, f: &TestFile) -> u64 {
     std::fs::metadata(data_path(d, &f.root)).unwrap().blocks() * 512
 }
 
+/// The filesystem's own blocks that `st_blocks` counts beside the data: on a fragmented ext4 a
+/// 24 MiB file in 64 KiB extents needs extent-tree blocks (4-12 KiB measured).
+const FS_METADATA: u64 = 64 << 10;
+
+/// The data file of `f` holds `want` bytes of data, and at most [`FS_METADATA`] more.
+fn assert_allocated(d: &Path, f: &TestFile, want: u64) {
+    let got = allocated(d, f);
+    assert!((want..=want + FS_METADATA).contains(&got), "{got} bytes allocated, want {want} (+ at most {FS_METADATA} of the filesystem's own)");
+}
+
 #[test]
 fn a_file_filled_in_order_is_allocated_in_groups_and_unused_room_is_given_back() {
     let d = tempfile::tempdir().unwrap();
@@ -367,7 +377,7 @@ fn a_file_filled_in_order_is_allocated_in_groups_and_unused_room_is_given_back()
         assert!(s.shared.direct, "the test directory takes O_DIRECT writes");
         f.fill(&s);
         assert!(s.stats().prealloc_groups.load(Ordering::Relaxed) >= 2, "{}", s.describe());
-        assert_eq!(allocated(d.path(), &f), 24 << 20);
+        assert_allocated(d.path(), &f, 24 << 20);
         for i in [0, 100, 383] {
             assert_eq!(f.load(&s, i).as_deref(), Some(f.slice(i)), "chunk {i}");
         }
@@ -384,7 +394,7 @@ fn a_file_filled_in_order_is_allocated_in_groups_and_unused_room_is_given_back()
         assert!(s.describe().lines().any(|l| l.starts_with("cache_spare_bytes ") && l != "cache_spare_bytes 0"), "{}", s.describe());
         assert!(allocated(d.path(), &g) >= 8 << 20);
     }
-    assert_eq!(allocated(d.path(), &g), 20 * 65536);
+    assert_allocated(d.path(), &g, 20 * 65536);
     let s = Store::open(&cfg(d.path(), 256 << 20, false)).unwrap();
     for i in [0, 19] {
         assert_eq!(g.load(&s, i).as_deref(), Some(g.slice(i)), "chunk {i} after reopen");
