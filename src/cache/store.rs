@@ -482,8 +482,11 @@ impl Store {
     }
 
     pub fn describe(&self) -> String {
-        let (chunks, used, limit) = self.usage();
-        let spare = self.shared.index.lock().unwrap().spare();
+        // One look at the index, so that the figures add up.
+        let (chunks, used, spare, limit) = {
+            let ix = self.shared.index.lock().unwrap();
+            (ix.chunks(), ix.used(), ix.spare(), ix.limit())
+        };
         format!(
             "cache_dir {}\ncache_io {}\ncache_chunks {chunks}\ncache_used_bytes {used}\ncache_spare_bytes {spare}\ncache_limit_bytes {limit}\n",
             self.shared.dir.display(),
