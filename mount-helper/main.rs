@@ -51,6 +51,7 @@ wraith options (passed on to wraith-mount):
   timeout=SECS          per-request deadline, then EIO (default 30)
   hard | soft           hard: retry past the deadline, interruptible (default soft)
   mem_cache=SIZE        in-memory chunk cache, e.g. 512M, 2G (default 256M)
+  readahead=SIZE        the kernel's readahead for the mount (default 1M; 0 off)
   allow_other           let other users access the mount (implies default_permissions)
   default_permissions   let the kernel check permission bits
   uid=N, gid=N          show every file as owned by user/group N
@@ -434,6 +435,7 @@ fn classify(name: &str) -> Class {
         "attr_timeout" => Class::Valued("attr_timeout=SECS"),
         "timeout" => Class::Valued("timeout=SECS"),
         "mem_cache" => Class::Valued("mem_cache=SIZE"),
+        "readahead" => Class::Valued("readahead=SIZE"),
         "uid" => Class::Valued("uid=N"),
         "gid" => Class::Valued("gid=N"),
         "threads" => Class::Valued("threads=N"),

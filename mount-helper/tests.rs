@@ -137,7 +137,7 @@ fn mount_and_systemd_options_are_dropped() {
 
 #[test]
 fn every_wraith_option_is_passed_on() {
-    let line = "keyfile=/k,port=9,attr_timeout=2,timeout=5,hard,soft,mem_cache=1G,allow_other,\
+    let line = "keyfile=/k,port=9,attr_timeout=2,timeout=5,hard,soft,mem_cache=1G,readahead=4M,allow_other,\
                 default_permissions,uid=1000,gid=100,ro,threads=4,fsname=srv";
     assert_eq!(rebuilt(line, false).unwrap(), line);
 }

@@ -36,6 +36,8 @@ use wraith::transport::ClientTransport;
         timeout=SECS       per-request deadline, then EIO (default 30)\n  \
         hard | soft        hard: retry forever, Ctrl-C interrupts (default soft)\n  \
         mem_cache=SIZE     in-memory chunk cache (default 256M)\n  \
+        readahead=SIZE     the kernel's readahead for this mount (default 1M; 0 turns it off;\n                     \
+        needs root, else the kernel's 128K stays)\n  \
         cache_dir=DIR      disk cache directory (default /var/cache/wraith/<id> for root,\n                     \
         $XDG_CACHE_HOME/wraith/<id> otherwise); one mount per directory\n  \
         cache_size=SIZE    disk cache size (default min(10G, 10% of free space); 0 disables)\n  \
@@ -115,7 +117,15 @@ struct Opts {
     cache_dir: Option<PathBuf>,
     cache_size: Option<u64>,
     cache_sync: bool,
+    /// The kernel's readahead for the mount, in bytes, and whether the user asked for it.
+    readahead: (u64, bool),
 }
+
+/// Default readahead: the kernel's own default for a FUSE mount is 128 KiB, which makes a
+/// sequential reader wait on one FUSE request at a time (see docs/ARCHITECTURE.md, readahead).
+const READAHEAD: u64 = 1 << 20;
+/// Largest readahead accepted.
+const READAHEAD_MAX: u64 = 256 << 20;
 
 fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
     let mut o = Opts {
@@ -144,6 +154,7 @@ fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
         cache_dir: None,
         cache_size: None,
         cache_sync: false,
+        readahead: (READAHEAD, false),
     };
     let mut all: Vec<String> = args.options.iter().flat_map(|s| split_options(s)).collect();
     if let Some(k) = &args.keyfile {
@@ -202,6 +213,13 @@ fn parse_opts(args: &Args, spec: &RemoteSpec) -> Result<Opts, String> {
             "hard" => o.fs.hard = true,
             "soft" => o.fs.hard = false,
             "mem_cache" => o.fs.mem_cache = cli::parse_size(&need(v)?)?,
+            "readahead" => {
+                let b = cli::parse_size(&need(v)?)?;
+                if b > READAHEAD_MAX {
+                    return Err(format!("readahead={}: at most {}M", v.unwrap_or_default(), READAHEAD_MAX >> 20));
+                }
+                o.readahead = (b, true);
+            }
             "allow_other" => o.allow_other = true,
             "default_permissions" => o.default_permissions = true,
             "uid" => o.fs.uid = Some(num(v)?),
@@ -432,6 +450,9 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT, signal_hook::consts::SIGHUP] {
         let _ = signal_hook::flag::register(sig, stop.clone());
     }
+    // The mount point's own path, taken while it is a plain directory: looked up in mountinfo
+    // once mounted, without asking the mount.
+    let mp_abs = std::fs::canonicalize(args.mp()).unwrap_or_else(|_| args.mp().to_path_buf());
     let mounted = match mount(&args, fs.clone(), &o) {
         Ok(s) => s,
         Err(m) => return fail(&mut ready, m),
@@ -451,6 +472,7 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
         }
     }
     tracing::info!(remote = %args.remote(), mountpoint = %args.mp().display(), "mounted");
+    set_readahead(&mp_abs, o.readahead);
     wraith::daemon::notify_ready();
     if ready.is_some() {
         // From here on nobody reads our stderr: log to syslog/journald and let go of the caller's
@@ -478,6 +500,22 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
             };
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Set the kernel's readahead for the new mount. Only root may: for anyone else the kernel's
+/// default stays, said in the log (as a warning when the user asked for a size).
+fn set_readahead(mp: &Path, (bytes, asked): (u64, bool)) {
+    match wraith::sys::mount::set_read_ahead(mp, bytes) {
+        Ok(()) => tracing::debug!(kib = bytes.div_ceil(1024), "readahead set"),
+        Err(e) => {
+            let was = wraith::sys::mount::read_ahead(mp).map(|b| format!("{} KiB", b >> 10)).unwrap_or_else(|_| "unchanged".into());
+            if asked {
+                tracing::warn!("readahead={} KiB not set ({e}; it needs root and a writable /sys); the kernel's readahead stays {was}", bytes.div_ceil(1024));
+            } else {
+                tracing::info!("readahead not raised ({e}); the kernel's stays {was}");
+            }
+        }
     }
 }
 

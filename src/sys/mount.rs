@@ -65,3 +65,82 @@ pub fn unmount(target: &Path, lazy: bool) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// `major:minor` of the filesystem mounted last at `target` (an absolute path without symlinks),
+/// from `/proc/self/mountinfo`: found without asking the filesystem itself, which for our own
+/// FUSE mount would be a request to ourselves.
+pub fn dev_of_mount(target: &Path) -> io::Result<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    dev_in_mountinfo(&text, target.as_os_str().as_bytes())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{} is not in /proc/self/mountinfo", target.display())))
+}
+
+/// The `major:minor` field of the last line of `mountinfo` whose mount point is `target`.
+pub fn dev_in_mountinfo(mountinfo: &str, target: &[u8]) -> Option<String> {
+    mountinfo.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let (_, _, dev, _, mp) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        (unescape_octal(mp) == target).then(|| dev.to_string())
+    })
+}
+
+/// Undo mountinfo's escapes: `\040` (space), `\011` (tab), `\012` (newline), `\134` (backslash).
+fn unescape_octal(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match oct {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Set the kernel's readahead for the filesystem mounted at `target` (absolute, no symlinks) to
+/// `bytes`, rounded up to KiB: `/sys/class/bdi/<major:minor>/read_ahead_kb`. Needs root.
+pub fn set_read_ahead(target: &Path, bytes: u64) -> io::Result<()> {
+    let dev = dev_of_mount(target)?;
+    std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), format!("{}\n", bytes.div_ceil(1024)))
+}
+
+/// The kernel's readahead, in bytes, for the filesystem mounted at `target`.
+pub fn read_ahead(target: &Path) -> io::Result<u64> {
+    let dev = dev_of_mount(target)?;
+    let kb = std::fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb"))?;
+    kb.trim().parse::<u64>().map(|k| k * 1024).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_found_in_mountinfo_with_their_escapes() {
+        let text = "22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+                    97 22 0:52 / /mnt/my\\040share rw,nosuid shared:50 - fuse.wraith h:/s rw,user_id=0\n\
+                    98 22 0:53 / /mnt/x rw shared:51 - fuse.wraith h:/a rw\n\
+                    99 98 0:54 / /mnt/x rw shared:52 - fuse.wraith h:/b rw\n\
+                    100 22 0:55 / /mnt/back\\134slash rw - tmpfs t rw\n";
+        assert_eq!(dev_in_mountinfo(text, b"/mnt/my share").as_deref(), Some("0:52"));
+        assert_eq!(dev_in_mountinfo(text, b"/mnt/x").as_deref(), Some("0:54"), "the last mount on a path is the visible one");
+        assert_eq!(dev_in_mountinfo(text, b"/mnt/back\\slash").as_deref(), Some("0:55"));
+        assert_eq!(dev_in_mountinfo(text, b"/").as_deref(), Some("252:1"));
+        assert_eq!(dev_in_mountinfo(text, b"/mnt"), None);
+        assert_eq!(dev_in_mountinfo("garbage\n\n1 2", b"/"), None);
+    }
+
+    #[test]
+    fn the_root_filesystem_has_a_device() {
+        let dev = dev_of_mount(Path::new("/")).unwrap();
+        assert!(dev.split_once(':').is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok()), "{dev}");
+    }
+}

@@ -91,6 +91,13 @@ check_fails() {
 }
 
 # check_eq NAME EXPECTED ACTUAL
+# read_ahead_kb MNT: the kernel's readahead (KiB) for the filesystem mounted at MNT.
+read_ahead_kb() {
+    local dev
+    dev=$(mountpoint -d "$1" 2>/dev/null) || { echo "not a mount point"; return; }
+    cat "/sys/class/bdi/$dev/read_ahead_kb" 2>&1
+}
+
 check_eq() {
     if [ "$2" == "$3" ]; then
         ok "$1"

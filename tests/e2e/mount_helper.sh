@@ -179,7 +179,7 @@ ODD_ESCAPED=${ODD_ESCAPED//,/\\,}
 FSTAB=$T/fstab
 cat >"$FSTAB" <<EOF
 # written by tests/e2e/mount_helper.sh
-$SERVER_SPEC  $T/mnt       wraith  _netdev,keyfile=$K,nofail,x-systemd.automount,attr_timeout=1  0 0
+$SERVER_SPEC  $T/mnt       wraith  _netdev,keyfile=$K,nofail,x-systemd.automount,attr_timeout=1,readahead=2M  0 0
 $DOWN_SPEC    $T/bad       wraith  noauto,_netdev,keyfile=$K,timeout=5  0 0
 $SERVER_SPEC  $T/wrongkey  wraith  noauto,keyfile=$(fstab_esc "$T/wrong.key"),timeout=5  0 0
 $SERVER_SPEC  $T/esc       wraith  noauto,keyfile=$ODD_ESCAPED  0 0
@@ -212,6 +212,7 @@ check "findmnt type is fuse.wraith" test "$(findmnt_field "$T/mnt" FSTYPE)" = "f
 has_opt "$T/mnt" ro && has_opt "$T/mnt" nosuid && has_opt "$T/mnt" nodev
 verdict $? "mounted ro,nosuid,nodev"
 check "content equals SRC ($SAMPLE)" content_matches "$T/mnt"
+check "readahead=2M from the fstab line is the mount's readahead" test "$(cat "/sys/class/bdi/$(mountpoint -d "$T/mnt")/read_ahead_kb" 2>&1)" = 2048
 check "the daemon detached from mount's stdout/stderr" daemon_detached "$T/mnt"
 run touch "$T/mnt/wraith-write-probe"
 if [[ $RC -ne 0 && $OUT == *"Read-only file system"* ]]; then

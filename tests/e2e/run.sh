@@ -282,6 +282,7 @@ suite_loopback() {
         not_ok "loopback: server prints the key file's path" "$KEY not in its output"
     fi
     mount_ok loopback "" "127.0.0.1:$LO_PORT:/tree" "$M" "keyfile=$KEY,attr_timeout=1" || return
+    check_eq "loopback: the kernel's readahead for the mount is 1 MiB (readahead= default)" 1024 "$(read_ahead_kb "$M")"
 
     check "loopback: every file equal to the source (names, types, sizes, links, bytes)" treecmp "$SRC" "$M"
     check "loopback: find listing equals the source's (spaces, UTF-8)" t_listing "$M"
@@ -330,7 +331,8 @@ suite_loopback() {
 suite_chunk64() {
     local M=$WORK/cli/c64 f
     ensure_lo_server || return
-    mount_ok chunk64 "" "127.0.0.1:$LO_PORT:/tree64" "$M" "keyfile=$KEY" || return
+    mount_ok chunk64 "" "127.0.0.1:$LO_PORT:/tree64" "$M" "keyfile=$KEY,readahead=4M" || return
+    check_eq "chunk64: readahead=4M sets the kernel's readahead for the mount" 4096 "$(read_ahead_kb "$M")"
     for f in chunk/size-1 "chunk/size-$CHUNK" "chunk/size-$((CHUNK + 1))" "chunk/size-$((2 * CHUNK + 7))" db/test.sqlite; do
         check "chunk64: cmp $f" timeout 60 cmp "$SRC/$f" "$M/$f"
         check "chunk64: getfattr = b3sum: $f" t_xattr "$M" "$f"
@@ -444,6 +446,7 @@ suite_errors() {
     expect_mount_failure "errors: missing key file" "127.0.0.1:$LO_PORT:/tree" "keyfile=$WORK/keys/does-not-exist" 'key' 15
     expect_mount_failure "errors: unknown share" "127.0.0.1:$LO_PORT:/nosuchshare" "keyfile=$KEY" 'share' 15
     expect_mount_failure "errors: bad spec" "nocolon" "keyfile=$KEY" '.' 5
+    expect_mount_failure "errors: readahead too large" "127.0.0.1:$LO_PORT:/tree" "keyfile=$KEY,readahead=1G" 'readahead=1G: at most 256M' 5
     port=$(free_udp_port)
     expect_mount_failure "errors: unreachable server" "127.0.0.1:$port:/tree" "keyfile=$KEY,timeout=3" 'did not answer within .*: unreachable.*\[[0-9]+ datagrams sent, nothing came back\]' 20
     # Another protocol version. A HELLO of version 1 gets a small answer naming ours ...
