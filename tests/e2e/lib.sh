@@ -90,7 +90,6 @@ check_fails() {
     fi
 }
 
-# check_eq NAME EXPECTED ACTUAL
 # read_ahead_kb MNT: the kernel's readahead (KiB) for the filesystem mounted at MNT.
 read_ahead_kb() {
     local dev
@@ -98,6 +97,7 @@ read_ahead_kb() {
     cat "/sys/class/bdi/$dev/read_ahead_kb" 2>&1
 }
 
+# check_eq NAME EXPECTED ACTUAL
 check_eq() {
     if [ "$2" == "$3" ]; then
         ok "$1"
