@@ -27,6 +27,12 @@ const SPAN_MAX: u64 = 64 << 10;
 /// Prefetched chunks of the disk cache are read in batches of this many bytes, or of a quarter
 /// of the prefetch window when that is less (see [`disk_batch_due`]).
 const DISK_BATCH: u64 = 2 << 20;
+/// How far ahead of a sequential reader chunks that the disk cache holds are read: this many
+/// bytes, at most [`DISK_WINDOW_CHUNKS`] chunks, and never less than the network's window
+/// (`max_prefetch`). Reading from the local disk, a deeper window keeps more of its reads in
+/// flight; the network's window stays at `max_prefetch` (see [`disk_window`]).
+const DISK_WINDOW: u64 = 32 << 20;
+const DISK_WINDOW_CHUNKS: u64 = 128;
 
 /// How far apart reads of one sequential stream may arrive, in requests of their own size: the
 /// kernel has up to this many FUSE requests of a file's readahead in flight (fuser's
@@ -260,15 +266,18 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     let fits = ((fs.cfg.mem_cache >> log2) / 2).max(1);
     let (window, passed) = {
         let mut seq = h.seq.lock().unwrap();
-        let w = seq.advance(offset, end, log2, fs.cfg.max_prefetch.min(fits));
+        let w = seq.advance(offset, end, log2, disk_window(fs.cfg.max_prefetch, log2).min(fits));
         (w, seq.passed(log2))
     };
+    // The network's part of the window: chunks past it are read ahead only from the disk cache.
+    let net_window = window.min(fs.cfg.max_prefetch);
     // Drop-behind: a stream's chunks are in the page cache once read, and kept here as well they
     // filled the memory cache (and grew its registered memory, faulted in fresh) for nothing.
     fs.chunks.forget(h.info.root, passed);
     let n = h.geom.n_chunks();
     let mut from_disk = Vec::new();
-    for c in last + 1..(last + 1 + window).min(n) {
+    let reach = if fs.disk.is_some() { window } else { net_window };
+    for c in last + 1..(last + 1 + reach).min(n) {
         let key = (h.info.root, c);
         if fs.chunks.contains(&key) || fs.chunk_flight.is_inflight(&key) {
             continue;
@@ -280,11 +289,12 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
                     from_disk.push(c)
                 }
             }
-            _ => {
+            _ if c <= last + net_window => {
                 if fs.prefetch.claim(key) {
                     fs.prefetch.push(Job::One(h.clone(), c))
                 }
             }
+            _ => {}
         }
     }
     if disk_batch_due(from_disk.len() as u64, last + 1 + window >= n, window, log2) {
@@ -321,6 +331,17 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     fs.counters.bytes_read.fetch_add(out.len() as u64, Ordering::Relaxed);
     fs.note_source(h, src);
     Ok(ReadData::Owned(out))
+}
+
+/// The prefetch window, in chunks, for chunks the disk cache holds (the network's is `net`).
+///
+/// Measured (1 GiB, warm from the disk cache, nothing in memory, the mount's 1 MiB readahead,
+/// three rounds of two reads, alternating): 0.621–1.001 s with 32 chunks, 0.578–0.651 s with 64,
+/// 0.535–0.596 s with 128 and 0.506–0.587 s with 256 (2 or 4 MiB batches alike). The network's
+/// window at 128 made cold reads no faster (1.159–1.229 s against 1.100–1.259 s with a cache,
+/// 1.010–1.237 against 0.901–1.224 without), so it stays where it was.
+fn disk_window(net: u64, chunk_log2: u8) -> u64 {
+    (DISK_WINDOW >> chunk_log2).min(DISK_WINDOW_CHUNKS).max(net)
 }
 
 /// Whether `ready` chunks of the disk cache, found in a prefetch window of `window` chunks of
@@ -551,6 +572,16 @@ mod tests {
             let off = (4 << 20) + i * 576 * K;
             assert_eq!(s.advance(off, off + 64 * K, 18, 32), 0, "read {i}");
         }
+    }
+
+    #[test]
+    fn the_disk_caches_window_is_32_mib_within_128_chunks_and_never_below_the_networks() {
+        use super::disk_window;
+        assert_eq!(disk_window(32, 18), 128, "256 KiB chunks: 32 MiB");
+        assert_eq!(disk_window(32, 16), 128, "64 KiB chunks: 128 chunks, 8 MiB");
+        assert_eq!(disk_window(32, 20), 32, "1 MiB chunks: 32 MiB");
+        assert_eq!(disk_window(32, 24), 32, "16 MiB chunks: the network's window (memory bounds it further)");
+        assert_eq!(disk_window(200, 18), 200);
     }
 
     #[test]
