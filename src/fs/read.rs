@@ -282,19 +282,13 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
         if fs.chunks.contains(&key) || fs.chunk_flight.is_inflight(&key) {
             continue;
         }
-        match &fs.disk {
+        if fs.disk.as_ref().is_some_and(|d| d.contains(&h.info.root, c)) {
             // Chunks the disk cache holds are read together, claimed once a batch is due.
-            Some(d) if d.contains(&h.info.root, c) => {
-                if !fs.prefetch.claimed(&key) {
-                    from_disk.push(c)
-                }
+            if !fs.prefetch.claimed(&key) {
+                from_disk.push(c)
             }
-            _ if c <= last + net_window => {
-                if fs.prefetch.claim(key) {
-                    fs.prefetch.push(Job::One(h.clone(), c))
-                }
-            }
-            _ => {}
+        } else if c <= last + net_window && fs.prefetch.claim(key) {
+            fs.prefetch.push(Job::One(h.clone(), c))
         }
     }
     if disk_batch_due(from_disk.len() as u64, last + 1 + window >= n, window, log2) {
