@@ -506,16 +506,18 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
 /// Set the kernel's readahead for the new mount. Only root may: for anyone else the kernel's
 /// default stays, said in the log (as a warning when the user asked for a size).
 fn set_readahead(mp: &Path, (bytes, asked): (u64, bool)) {
-    match wraith::sys::mount::set_read_ahead(mp, bytes) {
-        Ok(()) => tracing::debug!(kib = bytes.div_ceil(1024), "readahead set"),
-        Err(e) => {
-            let was = wraith::sys::mount::read_ahead(mp).map(|b| format!("{} KiB", b >> 10)).unwrap_or_else(|_| "unchanged".into());
-            if asked {
-                tracing::warn!("readahead={} KiB not set ({e}; it needs root and a writable /sys); the kernel's readahead stays {was}", bytes.div_ceil(1024));
-            } else {
-                tracing::info!("readahead not raised ({e}); the kernel's stays {was}");
-            }
-        }
+    let (e, was) = match wraith::sys::mount::ReadAhead::of(mp) {
+        Ok(ra) => match ra.set(bytes) {
+            Ok(()) => return tracing::debug!(kib = bytes.div_ceil(1024), "readahead set"),
+            Err(e) => (e, ra.get().ok()),
+        },
+        Err(e) => (e, None),
+    };
+    let was = was.map_or_else(|| "unchanged".to_string(), |b| format!("{} KiB", b >> 10));
+    if asked {
+        tracing::warn!("readahead={} KiB not set ({e}; it needs root and a writable /sys); the kernel's readahead stays {was}", bytes.div_ceil(1024));
+    } else {
+        tracing::info!("readahead not raised ({e}); the kernel's stays {was}");
     }
 }
 

@@ -105,18 +105,25 @@ fn unescape_octal(s: &str) -> Vec<u8> {
     out
 }
 
-/// Set the kernel's readahead for the filesystem mounted at `target` (absolute, no symlinks) to
-/// `bytes`, rounded up to KiB: `/sys/class/bdi/<major:minor>/read_ahead_kb`. Needs root.
-pub fn set_read_ahead(target: &Path, bytes: u64) -> io::Result<()> {
-    let dev = dev_of_mount(target)?;
-    std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), format!("{}\n", bytes.div_ceil(1024)))
-}
+/// The kernel's readahead for one mounted filesystem: `/sys/class/bdi/<major:minor>/read_ahead_kb`.
+pub struct ReadAhead(std::path::PathBuf);
 
-/// The kernel's readahead, in bytes, for the filesystem mounted at `target`.
-pub fn read_ahead(target: &Path) -> io::Result<u64> {
-    let dev = dev_of_mount(target)?;
-    let kb = std::fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb"))?;
-    kb.trim().parse::<u64>().map(|k| k * 1024).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+impl ReadAhead {
+    /// That of the filesystem mounted at `target` (absolute, no symlinks).
+    pub fn of(target: &Path) -> io::Result<ReadAhead> {
+        Ok(ReadAhead(format!("/sys/class/bdi/{}/read_ahead_kb", dev_of_mount(target)?).into()))
+    }
+
+    /// Set it to `bytes`, rounded up to KiB. Needs root.
+    pub fn set(&self, bytes: u64) -> io::Result<()> {
+        std::fs::write(&self.0, format!("{}\n", bytes.div_ceil(1024)))
+    }
+
+    /// What it is, in bytes.
+    pub fn get(&self) -> io::Result<u64> {
+        let kb = std::fs::read_to_string(&self.0)?;
+        kb.trim().parse::<u64>().map(|k| k * 1024).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
 }
 
 #[cfg(test)]
