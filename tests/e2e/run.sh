@@ -393,6 +393,34 @@ for n in os.listdir(sys.argv[1]):
         mine.append((size, ctime))
 assert mine == [(st.st_size, st.st_ctime_ns)], mine
 PY
+    # One version per open: a reader holds a 48 MiB file open while it is rewritten on the
+    # server (same size, other bytes). It may go on reading what was fetched before the change
+    # (its readahead and prefetch window, a few MiB), then gets ESTALE: never a byte of the new
+    # version, never a mix.
+    head -c $((48 << 20)) /dev/urandom >"$CHG/open.bin"
+    check "change: a file rewritten while open reads old bytes, then ESTALE, never new ones" \
+        timeout 60 python3 - "$M/open.bin" "$CHG/open.bin" <<'PY'
+import errno, os, sys
+mnt, src = sys.argv[1], sys.argv[2]
+old = open(src, "rb").read()
+f = open(mnt, "rb", buffering=0)
+got = bytearray(f.read(1 << 20))
+with open(src, "r+b") as w:
+    w.write(os.urandom(len(old)))
+err = None
+try:
+    while True:
+        b = f.read(1 << 20)
+        if not b:
+            break
+        got += b
+except OSError as e:
+    err = e.errno
+assert got == old[: len(got)], f"the {len(got)} bytes read are not the version opened"
+assert err == errno.ESTALE, f"read {len(got)} of {len(old)} bytes, then {err and errno.errorcode[err]} (want ESTALE)"
+assert len(got) < len(old), "the whole old version was read"
+PY
+    check "change: a new open of the rewritten file reads the new version" timeout 30 cmp "$CHG/open.bin" "$M/open.bin"
     umount_ok change "$M"
 }
 
