@@ -95,6 +95,24 @@ impl Buf {
         }
     }
 
+    /// Append one byte: in place when the slot has room after the bytes, else the bytes move
+    /// to the heap.
+    pub fn push(&mut self, byte: u8) {
+        match self {
+            Buf::Heap(v) => v.push(byte),
+            Buf::Slot(s, l) if *l < s.bytes().len() => {
+                s.bytes_mut()[*l] = byte;
+                *l += 1;
+            }
+            Buf::Slot(..) => {
+                let mut v = Vec::with_capacity(self.len() + 1);
+                v.extend_from_slice(self);
+                v.push(byte);
+                *self = Buf::Heap(v);
+            }
+        }
+    }
+
     /// Remove and return the last byte.
     pub fn pop(&mut self) -> Option<u8> {
         match self {

@@ -166,15 +166,15 @@ impl Request {
 }
 
 impl Response {
-    /// Encode, consuming: a data payload gets its tag appended in place instead of being copied.
-    pub fn into_bytes(self) -> Vec<u8> {
+    /// Encode, consuming: a data payload gets its tag appended in place instead of being copied
+    /// (its buffer, heap or slot, is what is sent from).
+    pub fn into_bytes(self) -> Buf {
         match self {
-            Response::Data(d) => {
-                let mut d = d.into_vec();
+            Response::Data(mut d) => {
                 d.push(7);
                 d
             }
-            other => other.encode(),
+            other => other.encode().into(),
         }
     }
 
@@ -373,7 +373,7 @@ mod tests {
         ];
         for r in resps {
             assert_eq!(Response::decode(r.encode()).unwrap(), r);
-            assert_eq!(r.clone().into_bytes(), r.encode());
+            assert_eq!(&*r.clone().into_bytes(), &r.encode()[..]);
         }
     }
 

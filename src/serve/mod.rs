@@ -1,6 +1,8 @@
-//! The server: exports, safe path resolution (`export`), the persistent hash index (`index`), and
-//! the loop that feeds authenticated requests to a pool of workers.
+//! The server: exports, safe path resolution (`export`), the persistent hash index (`index`), the
+//! buffers chunks are read into (`bufs`), and the loop that feeds authenticated requests to a
+//! pool of workers.
 
+mod bufs;
 pub mod export;
 pub mod index;
 
@@ -14,7 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::chunk::Geometry;
+use crate::chunk::pool::Slot;
+use crate::chunk::{Buf, Geometry};
 use crate::error::Error;
 use crate::proto::frame::Missing;
 use crate::proto::msg::{Request, Response};
@@ -52,10 +55,6 @@ struct OpenFile {
     buffered: Arc<std::fs::File>,
     direct: Option<std::fs::File>,
 }
-
-/// O_DIRECT needs buffer, offset and length aligned to the device's block size; 4096 covers the
-/// usual 512 and 4096.
-const DIRECT_ALIGN: usize = 4096;
 
 /// The filesystem side: answers decoded requests. No sockets here.
 pub struct Handler {
@@ -108,41 +107,33 @@ impl Handler {
     }
 
     /// `len` bytes at `off`: buffered when they are all in the page cache (cachestat, which starts
-    /// no I/O), else straight from the disk with O_DIRECT (when aligned), else buffered.
-    fn read_chunk(f: &OpenFile, len: usize, off: u64) -> Result<Vec<u8>, Error> {
+    /// no I/O), else straight from the disk with O_DIRECT (when aligned), else buffered. Into a
+    /// recycled aligned buffer ([`bufs`]) with room for one more byte (the response's tag).
+    fn read_chunk(f: &OpenFile, len: usize, off: u64) -> Result<Buf, Error> {
         use std::os::fd::AsFd;
-        let buffered = || -> Result<Vec<u8>, Error> {
-            let mut buf = Vec::with_capacity(len + 1);
-            buf.resize(len, 0);
-            read_exact_at(&f.buffered, &mut buf, off)?;
-            Ok(buf)
-        };
+        let mut buf = bufs::take(len + 1);
         let pages = (len as u64).div_ceil(4096);
         let cached = crate::sys::fs::cached_pages(f.buffered.as_fd(), off, len as u64).map_or(true, |n| n >= pages);
-        if cached {
-            return buffered();
-        }
-        if let Some(d) = f.direct.as_ref().filter(|_| off % DIRECT_ALIGN as u64 == 0) {
-            let span = len.next_multiple_of(DIRECT_ALIGN);
-            let mut raw = vec![0u8; span + DIRECT_ALIGN];
-            let a = raw.as_ptr().align_offset(DIRECT_ALIGN);
-            let mut got = 0;
-            while got < len {
-                match d.read_at(&mut raw[a + got..a + span], off + got as u64) {
-                    Ok(0) => return Err(Error::Stale), // the file shrank under us
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => break, // e.g. EINVAL: alignment refused; fall back to buffered
+        if !cached {
+            if let Some(d) = f.direct.as_ref().filter(|_| off % bufs::ALIGN as u64 == 0) {
+                let span = len.next_multiple_of(bufs::ALIGN);
+                let raw = buf.bytes_mut();
+                let mut got = 0;
+                while got < len {
+                    match d.read_at(&mut raw[got..span], off + got as u64) {
+                        Ok(0) => return Err(Error::Stale), // the file shrank under us
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break, // e.g. EINVAL: alignment refused; fall back to buffered
+                    }
+                }
+                if got >= len {
+                    return Ok(buf.into_buf(len));
                 }
             }
-            if got >= len {
-                raw.copy_within(a..a + len, 0);
-                raw.truncate(len);
-                raw.reserve_exact(1);
-                return Ok(raw);
-            }
         }
-        buffered()
+        read_exact_at(&f.buffered, &mut buf.bytes_mut()[..len], off)?;
+        Ok(buf.into_buf(len))
     }
 
     fn share(&self, name: &str) -> Result<u32, Error> {
@@ -191,7 +182,7 @@ impl Handler {
                 if version_of(&file.buffered) != Some(version) {
                     return Err(Error::Stale);
                 }
-                Response::Data(buf.into())
+                Response::Data(buf)
             }
             Request::StatFs { share } => Response::StatFs(self.exports.statfs(self.share(&share)?)?),
         })

@@ -22,6 +22,8 @@ pub struct AlignedBuf {
 // SAFETY: AlignedBuf owns its allocation exclusively (like Box<[u8]>); moving it to another
 // thread moves that ownership.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads (as_slice); writing needs &mut.
+unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// `len` zeroed bytes aligned to `align` (a power of two). Panics on a zero length or a bad
