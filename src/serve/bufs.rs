@@ -6,7 +6,9 @@
 //! chunk was then moved to the buffer's start. In one run, where the allocator's block began off
 //! a page boundary, that move was 281 of the workers' 790 samples (a copy of every byte); in
 //! another the block was aligned and nothing moved, and zeroing and page faults took ~50 of 575.
-//! With these buffers: neither (507 samples). Bounded: at most [`MAX_FREE_BYTES`] wait for reuse.
+//! With these buffers: neither (507 samples). Bounded: at most [`MAX_FREE`] buffers and
+//! [`MAX_FREE_BYTES`] wait for reuse. What a recycled buffer held before is never sent: a chunk
+//! is sent only once a read filled every one of its bytes (a read that fails drops the buffer).
 
 use std::sync::Mutex;
 
@@ -16,8 +18,11 @@ use crate::sys::arena::AlignedBuf;
 /// `O_DIRECT` needs buffer, offset and length aligned to the device's block size; 4096 covers
 /// the usual 512 and 4096.
 pub const ALIGN: usize = 4096;
-/// At most this many bytes of buffers wait to be reused.
+/// At most this many bytes of buffers wait to be reused,
 pub const MAX_FREE_BYTES: usize = 64 << 20;
+/// in at most this many buffers (one is in use per worker with a response in flight; the count
+/// keeps the search short when chunks are small).
+pub const MAX_FREE: usize = 64;
 
 struct Free {
     bufs: Vec<AlignedBuf>,
@@ -39,12 +44,6 @@ pub fn take(len: usize) -> ReadBuf {
     }
     drop(f);
     ReadBuf(Some(AlignedBuf::new(len, ALIGN)))
-}
-
-/// Bytes waiting to be reused.
-#[cfg(test)]
-fn free_bytes() -> usize {
-    FREE.lock().unwrap().bytes
 }
 
 /// One buffer from [`take`].
@@ -76,7 +75,7 @@ impl Drop for ReadBuf {
     fn drop(&mut self) {
         let Some(b) = self.0.take() else { return };
         let mut f = FREE.lock().unwrap();
-        if f.bytes + b.len() <= MAX_FREE_BYTES {
+        if f.bufs.len() < MAX_FREE && f.bytes + b.len() <= MAX_FREE_BYTES {
             f.bytes += b.len();
             f.bufs.push(b);
         }
@@ -108,6 +107,9 @@ mod tests {
         drop(small);
         let many: Vec<ReadBuf> = (0..(MAX_FREE_BYTES >> 20) + 8).map(|_| take(1 << 20)).collect();
         drop(many);
-        assert!(free_bytes() <= MAX_FREE_BYTES);
+        let tiny: Vec<ReadBuf> = (0..MAX_FREE + 8).map(|_| take(1)).collect();
+        drop(tiny);
+        let f = FREE.lock().unwrap();
+        assert!(f.bytes <= MAX_FREE_BYTES && f.bufs.len() <= MAX_FREE, "{} bytes in {} buffers", f.bytes, f.bufs.len());
     }
 }
