@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -68,7 +68,7 @@ const MAX_PEERS: usize = 4096;
 
 /// Insert into a bounded per-peer map: when full, forget everything (rebuilt from the kernel and
 /// the next datagrams) rather than grow without end under spoofed sources.
-fn bounded_insert<V>(m: &mut HashMap<IpAddr, V>, k: IpAddr, v: V) {
+fn bounded_insert<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>, k: K, v: V) {
     if m.len() >= MAX_PEERS && !m.contains_key(&k) {
         m.clear();
     }

@@ -16,7 +16,8 @@
 # that says so; on a driver without native XDP (lo) the server picks generic mode by itself; a
 # client whose side has a larger MTU than the server's reads through both kinds of server; a
 # client and a server on two subnets joined by a router namespace read over AF_XDP through it
-# (frames addressed to the gateway); policy rules choose routes on both sides.
+# (frames addressed to the gateway); policy rules, on addresses and ports, choose routes on both
+# sides.
 #
 # Environment: WRAITH_BIN (directory with wraith-serve and wraith-mount, default
 # target/release), WRAITH_XDP_MIB (size of the big file, default 64), WRAITH_E2E_KEEP=1.
@@ -264,21 +265,22 @@ fi
 
 # --- policy routing: the routes both ways are in tables of their own -----------------------------
 # Client: its main table has no route to $PR_ADDR (an address of the server's interface); a rule
-# on the destination sends it to table 100, which routes it via $S_ADDR from the client's extra
-# address $PR_CLIENT. Server: its main table makes $PR_CLIENT unreachable; a rule on the source
-# ($PR_ADDR) sends replies to table 101, which has it on the link. Each side asks the kernel for
-# the route of its own packets (rtnetlink, like `ip route get to DST from SRC`), so both follow
-# their rules: the client picks the interface itself (no iface= option) and sends to the
-# gateway's Ethernet address; the server answers over AF_XDP, not through its kernel socket.
+# on the destination *and wraith's port* sends UDP to it to table 100, which routes it via $S_ADDR
+# from the client's extra address $PR_CLIENT. Server: its main table makes $PR_CLIENT
+# unreachable; a rule on the source ($PR_ADDR) and source port sends replies to table 101, which
+# has it on the link. Each side asks the kernel for the route of its own packets (rtnetlink, like
+# `ip route get to DST from SRC ipproto udp sport S dport D`), so both follow their rules, ports
+# included: the client picks the interface itself (no iface= option) and sends to the gateway's
+# Ethernet address; the server answers over AF_XDP, not through its kernel socket.
 PR_ADDR=10.77.9.1
 PR_CLIENT=10.77.7.2
 if ip -n "$NS_A" addr add "$PR_ADDR/32" dev "$S_IF" &&
     ip -n "$NS_B" addr add "$PR_CLIENT/32" dev "$C_IF" &&
     ip -n "$NS_B" route add "$PR_ADDR/32" via "$S_ADDR" dev "$C_IF" src "$PR_CLIENT" table 100 &&
-    ip -n "$NS_B" rule add to "$PR_ADDR" lookup 100 pref 100 &&
+    ip -n "$NS_B" rule add to "$PR_ADDR" ipproto udp dport "$PORT" lookup 100 pref 100 &&
     ip -n "$NS_A" route add unreachable "$PR_CLIENT/32" &&
     ip -n "$NS_A" route add "$PR_CLIENT/32" dev "$S_IF" table 101 &&
-    ip -n "$NS_A" rule add from "$PR_ADDR" lookup 101 pref 100 &&
+    ip -n "$NS_A" rule add from "$PR_ADDR" ipproto udp sport "$PORT" lookup 101 pref 100 &&
     ip netns exec "$NS_A" sysctl -qw net.ipv4.conf.all.rp_filter=0 "net.ipv4.conf.$S_IF.rp_filter=0"; then
     check "policy routing: the client's main table has no route to $PR_ADDR" \
         bash -c "! ip -n '$NS_B' route show table main | grep -q '$PR_ADDR'"
@@ -302,8 +304,8 @@ if ip -n "$NS_A" addr add "$PR_ADDR/32" dev "$S_IF" &&
 else
     not_ok "policy routing: set up" "ip addr/route/rule or sysctl failed"
 fi
-ip -n "$NS_B" rule del to "$PR_ADDR" lookup 100 pref 100 2>/dev/null
-ip -n "$NS_A" rule del from "$PR_ADDR" lookup 101 pref 100 2>/dev/null
+ip -n "$NS_B" rule del pref 100 2>/dev/null
+ip -n "$NS_A" rule del pref 100 2>/dev/null
 ip -n "$NS_B" route flush table 100 2>/dev/null
 ip -n "$NS_A" route flush table 101 2>/dev/null
 ip -n "$NS_A" route del unreachable "$PR_CLIENT/32" 2>/dev/null

@@ -121,8 +121,9 @@ enum Route {
 
 #[derive(Default)]
 struct Neighbours {
-    /// What the kernel's tables said, with when they were read.
-    table: HashMap<IpAddr, (Route, Instant)>,
+    /// What the kernel's tables said for each peer (address and port: rules may match on
+    /// ports), with when they were read.
+    table: HashMap<SocketAddr, (Route, Instant)>,
     /// Source addresses of authentic datagrams that arrived over AF_XDP, used before the table
     /// (they are what answered last).
     learned: HashMap<IpAddr, Mac>,
@@ -354,7 +355,8 @@ impl XdpIo {
             .and_then(|s| s.local_addr())
             .map_err(|e| XdpError(format!("no source address for {peer}: {e}")))?;
         if opts.iface.is_empty() {
-            let (_, oif) = neigh::next_hop(peer.ip(), Some(src.ip()), None).map_err(|e| XdpError(e.to_string()))?;
+            // Our port is not known yet: rules on the source port are followed from the first send.
+            let (_, oif) = neigh::next_hop(peer, Some(SocketAddr::new(src.ip(), 0)), None).map_err(|e| XdpError(e.to_string()))?;
             opts.iface = netdev::ifname(oif).map_err(|e| XdpError(format!("the route to {peer} leaves through interface #{oif}: {e}")))?;
         }
         let io = XdpIo::open(&opts, SocketAddr::new(src.ip(), 0))?;
@@ -365,36 +367,35 @@ impl XdpIo {
     /// Resolve `peer`'s next hop now (a client does this before its first datagram), so that a
     /// missing route or neighbour shows up as an error at start rather than as silence.
     pub fn resolve_peer(&self, peer: SocketAddr, wait: Duration) -> Result<(), XdpError> {
-        let Some(src) = self.source_for(peer).map(|s| s.ip()) else {
+        let Some(src) = self.source_for(peer) else {
             return Err(XdpError(format!("{peer} is of an IP version this AF_XDP socket ({}) does not serve", self.local_addr().ip())));
         };
-        let src = Some(src);
-        let (hop, _) = neigh::next_hop(peer.ip(), src, Some(self.dev.index)).map_err(|e| XdpError(e.to_string()))?;
-        let mac = neigh::resolve(hop, src, self.dev.index, wait).map_err(|e| XdpError(e.to_string()))?;
+        let (hop, _) = neigh::next_hop(peer, Some(src), Some(self.dev.index)).map_err(|e| XdpError(e.to_string()))?;
+        let mac = neigh::resolve(hop, Some(src.ip()), self.dev.index, wait).map_err(|e| XdpError(e.to_string()))?;
         let mut n = self.neigh.lock().unwrap();
-        bounded_insert(&mut n.table, peer.ip(), (Route::OnLink(Some(mac)), Instant::now()));
+        bounded_insert(&mut n.table, peer, (Route::OnLink(Some(mac)), Instant::now()));
         Ok(())
     }
 
-    /// How to send to `ip`. The kernel's tables are read at most every [`NEIGH_TTL`] per peer,
+    /// How to send to `peer`. The kernel's tables are read at most every [`NEIGH_TTL`] per peer,
     /// without holding the lock (the senders and the receive path's `learn` take it; the kernel
     /// may be slow to answer); meanwhile other senders use the last answer. The source address
-    /// of authentic frames from `ip` comes first (it is what answered last).
-    fn hop_for(&self, ip: IpAddr) -> Hop {
+    /// of authentic frames from the peer's address comes first (it is what answered last).
+    fn hop_for(&self, peer: SocketAddr) -> Hop {
+        let ip = peer.ip();
         let cached = {
             let mut n = self.neigh.lock().unwrap();
-            let cached = n.table.get(&ip).copied();
+            let cached = n.table.get(&peer).copied();
             match cached {
                 Some((r, t)) if t.elapsed() < NEIGH_TTL => return Self::hop(&n, ip, r),
                 // This sender asks the kernel; the others keep the last answer until it has.
-                Some((r, _)) => bounded_insert(&mut n.table, ip, (r, Instant::now())),
+                Some((r, _)) => bounded_insert(&mut n.table, peer, (r, Instant::now())),
                 None => {}
             }
             cached
         };
         let dev = self.dev.index;
-        let src = self.source_for(SocketAddr::new(ip, 0)).map(|s| s.ip());
-        let mut r = match neigh::next_hop(ip, src, Some(dev)) {
+        let mut r = match neigh::next_hop(peer, self.source_for(peer), Some(dev)) {
             Ok((hop, _)) => Route::OnLink(neigh::cached_mac(hop, dev).ok().flatten()),
             Err(neigh::NeighError::NoRoute { .. }) => Route::Elsewhere,
             Err(_) => Route::OnLink(None),
@@ -405,7 +406,7 @@ impl XdpIo {
             r = Route::OnLink(Some(m));
         }
         let mut n = self.neigh.lock().unwrap();
-        bounded_insert(&mut n.table, ip, (r, Instant::now()));
+        bounded_insert(&mut n.table, peer, (r, Instant::now()));
         Self::hop(&n, ip, r)
     }
 
@@ -454,7 +455,7 @@ impl XdpIo {
             return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{dest} is of an IP version this AF_XDP path does not serve")));
         };
         let seg = seg.max(1);
-        let dst_mac = match self.hop_for(dest.ip()) {
+        let dst_mac = match self.hop_for(dest) {
             Hop::Link(m) => m,
             Hop::Kernel => return self.send_through_kernel(dest, buf, seg),
         };

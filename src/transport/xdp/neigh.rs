@@ -1,8 +1,8 @@
 //! Next hops and their Ethernet addresses, from the kernel of the calling process's network
 //! namespace: the route a packet to a peer takes (`rtnl::route_get`: the kernel's own decision
-//! for our source address, policy rules and every table included) and the neighbour table
-//! (`rtnl::neighbour`: ARP for IPv4, neighbour discovery for IPv6). The kernel keeps resolving neighbours on the interface,
-//! because the XDP filter passes ARP and ICMPv6; when an entry is missing, one datagram through
+//! for our source address and the ports, policy rules and every table included) and the
+//! neighbour table (`rtnl::neighbour`: ARP for IPv4, neighbour discovery for IPv6). The kernel
+//! keeps resolving neighbours on the interface, because the XDP filter passes ARP and ICMPv6; when an entry is missing, one datagram through
 //! an ordinary socket to the next hop's discard port makes the kernel resolve it. The interface's
 //! IPv6 addresses come from `/proc/net/if_inet6` (parser pure and tested).
 
@@ -40,10 +40,13 @@ impl std::fmt::Display for NeighError {
     }
 }
 
-/// The next hop for a packet from `src` to `dst` and the index of the interface it leaves
-/// through, if that is `ifindex` (None: any interface).
-pub fn next_hop(dst: IpAddr, src: Option<IpAddr>, ifindex: Option<u32>) -> Result<(IpAddr, u32), NeighError> {
-    let r = rtnl::route_get(dst, src).map_err(NeighError::Io)?.ok_or(NeighError::NoRoute { dst, via: None })?;
+/// The next hop for a UDP packet from `src` to `dst` and the index of the interface it leaves
+/// through, if that is `ifindex` (None: any interface). Port 0 in `src`: not known yet.
+pub fn next_hop(dst: SocketAddr, src: Option<SocketAddr>, ifindex: Option<u32>) -> Result<(IpAddr, u32), NeighError> {
+    let ports = (src.map_or(0, |s| s.port()), dst.port());
+    let r = rtnl::route_get(dst.ip(), src.map(|s| s.ip()), ports).map_err(NeighError::Io)?;
+    let dst = dst.ip();
+    let r = r.ok_or(NeighError::NoRoute { dst, via: None })?;
     if ifindex.is_some_and(|i| i != r.oif) {
         let via = netdev::ifname(r.oif).unwrap_or_else(|_| format!("interface #{}", r.oif));
         return Err(NeighError::NoRoute { dst, via: Some(via) });
@@ -160,7 +163,7 @@ mod tests {
     fn the_kernels_own_address_has_no_route_out() {
         let lo = netdev::netdev("lo").unwrap().index;
         // The kernel sends nothing out of an interface for its own address.
-        match next_hop("127.0.0.1".parse().unwrap(), None, Some(lo)) {
+        match next_hop("127.0.0.1:7447".parse().unwrap(), None, Some(lo)) {
             Err(NeighError::NoRoute { via: None, .. }) => {}
             other => panic!("{other:?}"),
         }

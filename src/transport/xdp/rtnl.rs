@@ -1,8 +1,9 @@
 //! Questions to the kernel's routing subsystem over rtnetlink (`netlink-packet-route` builds and
 //! parses the messages, `netlink-sys` carries them): which route a packet to an address takes —
-//! the kernel's own decision for a UDP packet from our address, rules and every table included,
-//! like `ip route get to DST from SRC ipproto udp` — and what the neighbour table (ARP, IPv6
-//! neighbour discovery) holds for one address. Each answer is waited for at most 2 s.
+//! the kernel's own decision for a UDP packet from our address and port, rules and every table
+//! included, like `ip route get to DST from SRC ipproto udp sport S dport D` — and what the
+//! neighbour table (ARP, IPv6 neighbour discovery) holds for one address. Each answer is waited
+//! for at most 2 s.
 
 use std::io;
 use std::net::IpAddr;
@@ -83,10 +84,10 @@ fn ask(msg: RouteNetlinkMessage) -> io::Result<Option<RouteNetlinkMessage>> {
 }
 
 /// The route the kernel takes for a UDP packet to `dst` from `src` (None: the address the kernel
-/// would pick), or None when it would not send one out of an interface (no route; an
-/// unreachable, prohibit or blackhole route or rule; a local address). Rules that match on ports
-/// are not followed: the answer is kept per peer address.
-pub fn route_get(dst: IpAddr, src: Option<IpAddr>) -> io::Result<Option<KernelRoute>> {
+/// would pick) with source and destination ports `ports` (0: not known, and then a rule on that
+/// port does not match), or None when it would not send one out of an interface (no route; an
+/// unreachable, prohibit or blackhole route or rule; a local address).
+pub fn route_get(dst: IpAddr, src: Option<IpAddr>, ports: (u16, u16)) -> io::Result<Option<KernelRoute>> {
     let full = if dst.is_ipv4() { 32 } else { 128 };
     let mut m = RouteMessage::default();
     m.header.address_family = family(dst);
@@ -97,6 +98,12 @@ pub fn route_get(dst: IpAddr, src: Option<IpAddr>) -> io::Result<Option<KernelRo
         m.attributes.push(RouteAttribute::Source(RouteAddress::from(src)));
     }
     m.attributes.push(RouteAttribute::IpProto(libc::IPPROTO_UDP as u8));
+    if ports.0 != 0 {
+        m.attributes.push(RouteAttribute::Sport(ports.0));
+    }
+    if ports.1 != 0 {
+        m.attributes.push(RouteAttribute::Dport(ports.1));
+    }
     let answer = match ask(RouteNetlinkMessage::GetRoute(m)) {
         Ok(a) => a,
         // What the kernel answers for no route (ENETUNREACH) and for unreachable (EHOSTUNREACH),
