@@ -1,10 +1,11 @@
 //! Next hops and their Ethernet addresses, from the kernel of the calling process's network
-//! namespace: the route a packet to a peer takes (`rtnl::route_get`: the kernel's own decision
-//! for our source address and the ports, policy rules and every table included) and the
-//! neighbour table (`rtnl::neighbour`: ARP for IPv4, neighbour discovery for IPv6). The kernel
-//! keeps resolving neighbours on the interface, because the XDP filter passes ARP and ICMPv6; when an entry is missing, one datagram through
-//! an ordinary socket to the next hop's discard port makes the kernel resolve it. The interface's
-//! IPv6 addresses come from `/proc/net/if_inet6` (parser pure and tested).
+//! namespace: the route a packet to a peer takes (`rtnl::route_get`: the kernel's own decision for
+//! our source address and the ports, policy rules and every table included) and the neighbour table
+//! (`rtnl::neighbour`: ARP for IPv4, neighbour discovery for IPv6). The kernel keeps resolving
+//! neighbours on the interface, because the XDP filter passes ARP and ICMPv6; when an entry is
+//! missing, one datagram through an ordinary socket to the next hop's discard port makes the kernel
+//! resolve it. The interface's IPv6 addresses come from `/proc/net/if_inet6` (parser pure and
+//! tested).
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
