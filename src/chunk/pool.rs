@@ -14,7 +14,8 @@
 //!   handed back keeps its length, so taking it again for the same size writes nothing; whatever
 //!   old bytes it holds are overwritten before anyone reads them (a reassembly is used only once
 //!   every piece arrived; a disk read fills what it returns). Bounded: at most
-//!   [`MAX_POOLED_BYTES`] wait here.
+//!   [`MAX_POOLED_BYTES`] wait here. The keeping is a [`Recycler`], which the server's aligned
+//!   read buffers (`serve::bufs`) use too.
 //!
 //! This module holds no unsafe code: a slot's memory is reached only through the [`Slot`] trait,
 //! implemented where the memory is made (`sys::uring`).
@@ -200,12 +201,63 @@ impl Drop for Buf {
     }
 }
 
-struct Free {
-    bufs: Vec<Vec<u8>>,
-    bytes: usize,
+/// A buffer a [`Recycler`] can keep: it knows how many bytes it holds.
+pub trait Room {
+    fn room(&self) -> usize;
 }
 
-static FREE: Mutex<Free> = Mutex::new(Free { bufs: Vec::new(), bytes: 0 });
+impl Room for Vec<u8> {
+    fn room(&self) -> usize {
+        self.capacity()
+    }
+}
+
+/// Buffers waiting to be reused, taken back by size class, bounded in bytes and in count.
+pub struct Recycler<T> {
+    free: Mutex<(Vec<T>, usize)>,
+    max_bytes: usize,
+    max_count: usize,
+}
+
+impl<T: Room> Recycler<T> {
+    pub const fn new(max_bytes: usize, max_count: usize) -> Self {
+        Recycler { free: Mutex::new((Vec::new(), 0)), max_bytes, max_count }
+    }
+
+    /// A kept buffer of at least `len` bytes and less than twice that (a 16 MiB buffer must not
+    /// be pinned by a 64 KiB chunk), the one given back last.
+    pub fn take(&self, len: usize) -> Option<T> {
+        let mut f = self.free.lock().unwrap();
+        let i = f.0.iter().rposition(|b| b.room() >= len && b.room() / 2 <= len)?;
+        let b = f.0.swap_remove(i);
+        f.1 -= b.room();
+        Some(b)
+    }
+
+    /// Whether a buffer of `room` bytes would be kept now.
+    pub fn has_room(&self, room: usize) -> bool {
+        let f = self.free.lock().unwrap();
+        f.0.len() < self.max_count && f.1 + room <= self.max_bytes
+    }
+
+    /// Keep `b` for reuse, unless that would pass a bound (then it is dropped).
+    pub fn give(&self, b: T) {
+        let room = b.room();
+        let mut f = self.free.lock().unwrap();
+        if f.0.len() < self.max_count && f.1 + room <= self.max_bytes {
+            f.1 += room;
+            f.0.push(b);
+        }
+    }
+
+    /// Bytes and buffers kept.
+    pub fn kept(&self) -> (usize, usize) {
+        let f = self.free.lock().unwrap();
+        (f.1, f.0.len())
+    }
+}
+
+static FREE: Recycler<Vec<u8>> = Recycler::new(MAX_POOLED_BYTES, MAX_POOLED_BYTES / MIN_POOLED);
 
 /// A buffer of exactly `len` bytes, contents unspecified: a lent slot when the source has one
 /// free, else a recycled heap buffer (zero if new).
@@ -222,12 +274,7 @@ pub fn take(len: usize) -> Buf {
 /// A heap buffer of exactly `len` bytes (contents unspecified if recycled, zero if new).
 pub fn take_vec(len: usize) -> Vec<u8> {
     if len >= MIN_POOLED {
-        let mut f = FREE.lock().unwrap();
-        // Same size class only: a 16 MiB buffer must not be pinned by a 64 KiB chunk.
-        if let Some(i) = f.bufs.iter().rposition(|v| v.capacity() >= len && v.capacity() / 2 <= len) {
-            let mut v = f.bufs.swap_remove(i);
-            f.bytes -= v.capacity();
-            drop(f);
+        if let Some(mut v) = FREE.take(len) {
             v.resize(len, 0);
             return v;
         }
@@ -238,26 +285,18 @@ pub fn take_vec(len: usize) -> Vec<u8> {
 /// Hand a buffer back for reuse (dropped instead when small or when the pool is full).
 pub fn give(mut v: Vec<u8>) {
     let cap = v.capacity();
-    if cap < MIN_POOLED {
+    if cap < MIN_POOLED || !FREE.has_room(cap) {
         return;
-    }
-    {
-        let mut f = FREE.lock().unwrap();
-        if f.bytes + cap > MAX_POOLED_BYTES {
-            return;
-        }
-        f.bytes += cap;
     }
     // Full length, so that taking it for up to its capacity writes nothing (usually this
     // zeroes only the byte or two a decoder popped).
     v.resize(cap, 0);
-    let mut f = FREE.lock().unwrap();
-    f.bufs.push(v);
+    FREE.give(v);
 }
 
 /// Bytes waiting in the pool (tests, stats).
 pub fn pooled_bytes() -> usize {
-    FREE.lock().unwrap().bytes
+    FREE.kept().0
 }
 
 #[cfg(test)]

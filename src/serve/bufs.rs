@@ -8,11 +8,9 @@
 //! another the block was aligned and nothing moved, and zeroing and page faults took ~50 of 575.
 //! With these buffers: neither (507 samples). Bounded: at most [`MAX_FREE`] buffers and
 //! [`MAX_FREE_BYTES`] wait for reuse. What a recycled buffer held before is never sent: a chunk
-//! is sent only once a read filled every one of its bytes (a read that fails drops the buffer).
+//! is sent only once a read filled every one of its bytes (a read that fails sends nothing).
 
-use std::sync::Mutex;
-
-use crate::chunk::pool::{Buf, Slot};
+use crate::chunk::pool::{Buf, Recycler, Room, Slot};
 use crate::sys::arena::AlignedBuf;
 
 /// `O_DIRECT` needs buffer, offset and length aligned to the device's block size; 4096 covers
@@ -24,26 +22,19 @@ pub const MAX_FREE_BYTES: usize = 64 << 20;
 /// keeps the search short when chunks are small).
 pub const MAX_FREE: usize = 64;
 
-struct Free {
-    bufs: Vec<AlignedBuf>,
-    bytes: usize,
+impl Room for AlignedBuf {
+    fn room(&self) -> usize {
+        self.len()
+    }
 }
 
-static FREE: Mutex<Free> = Mutex::new(Free { bufs: Vec::new(), bytes: 0 });
+static FREE: Recycler<AlignedBuf> = Recycler::new(MAX_FREE_BYTES, MAX_FREE);
 
 /// A buffer of at least `len` bytes aligned to [`ALIGN`], contents unspecified (zero if new). It
 /// goes back to be reused when the last [`Buf`] made of it drops.
 pub fn take(len: usize) -> ReadBuf {
     let len = len.max(1).next_multiple_of(ALIGN);
-    let mut f = FREE.lock().unwrap();
-    // Same size class only: a 16 MiB buffer must not be held by a 64 KiB chunk.
-    if let Some(i) = f.bufs.iter().rposition(|b| b.len() >= len && b.len() / 2 < len) {
-        let b = f.bufs.swap_remove(i);
-        f.bytes -= b.len();
-        return ReadBuf(Some(b));
-    }
-    drop(f);
-    ReadBuf(Some(AlignedBuf::new(len, ALIGN)))
+    ReadBuf(Some(FREE.take(len).unwrap_or_else(|| AlignedBuf::new(len, ALIGN))))
 }
 
 /// One buffer from [`take`].
@@ -73,11 +64,8 @@ impl Slot for ReadBuf {
 
 impl Drop for ReadBuf {
     fn drop(&mut self) {
-        let Some(b) = self.0.take() else { return };
-        let mut f = FREE.lock().unwrap();
-        if f.bufs.len() < MAX_FREE && f.bytes + b.len() <= MAX_FREE_BYTES {
-            f.bytes += b.len();
-            f.bufs.push(b);
+        if let Some(b) = self.0.take() {
+            FREE.give(b);
         }
     }
 }
@@ -109,7 +97,7 @@ mod tests {
         drop(many);
         let tiny: Vec<ReadBuf> = (0..MAX_FREE + 8).map(|_| take(1)).collect();
         drop(tiny);
-        let f = FREE.lock().unwrap();
-        assert!(f.bytes <= MAX_FREE_BYTES && f.bufs.len() <= MAX_FREE, "{} bytes in {} buffers", f.bytes, f.bufs.len());
+        let (bytes, count) = FREE.kept();
+        assert!(bytes <= MAX_FREE_BYTES && count <= MAX_FREE, "{bytes} bytes in {count} buffers");
     }
 }
