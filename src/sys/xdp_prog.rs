@@ -282,17 +282,24 @@ fn link_create(prog_fd: i32, ifindex: u32, mode: XdpMode) -> io::Result<OwnedFd>
 
 /// If a wraith program without a live owner is attached to `ifindex`, detach it.
 fn remove_stale(ifindex: u32) -> Result<Option<u32>, AttachError> {
-    let cur = match query(ifindex) {
-        Ok(Some(a)) => a,
-        Ok(None) => return Ok(None),
-        Err(e) => return Err(AttachError::Load(e)),
-    };
-    // Reading another program's name needs CAP_SYS_ADMIN: without it, say that, rather than
-    // call the program foreign.
-    let name = match prog_name(cur.prog_id) {
-        Ok(n) => n,
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => return Err(AttachError::Load(e)),
-        Err(_) => String::new(),
+    // A program that vanishes between the query and reading its name (its owner just exited and
+    // closed its link) is gone, not foreign: ask again, a bounded number of times.
+    let mut tries = 0;
+    let (cur, name) = loop {
+        tries += 1;
+        let cur = match query(ifindex) {
+            Ok(Some(a)) => a,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(AttachError::Load(e)),
+        };
+        // Reading another program's name needs CAP_SYS_ADMIN: without it, say that, rather than
+        // call the program foreign.
+        match prog_name(cur.prog_id) {
+            Ok(n) => break (cur, n),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => return Err(AttachError::Load(e)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 5 => continue,
+            Err(_) => break (cur, String::new()),
+        }
     };
     if name != PROG_NAME.to_str().unwrap_or_default() {
         return Err(AttachError::InUse { prog_id: cur.prog_id, name, live_wraith: false });

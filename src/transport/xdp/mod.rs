@@ -486,7 +486,9 @@ impl XdpIo {
                                 tx.discard_queued();
                                 return Err(io::Error::new(io::ErrorKind::WouldBlock, "AF_XDP send ring stuck"));
                             }
-                            std::thread::yield_now();
+                            // Nothing came back from the kernel: wait a little, as below,
+                            // rather than spin on a core for the whole deadline.
+                            std::thread::sleep(Duration::from_micros(50));
                         }
                     }
                 }
@@ -509,7 +511,8 @@ impl XdpIo {
                 break;
             }
             if Instant::now() >= deadline {
-                // What did not go out is dropped here rather than sent with the next burst.
+                // Frames the tx ring did not take are dropped here; those already on the ring
+                // go out with a later kick.
                 tx.discard_queued();
                 return Err(io::Error::new(io::ErrorKind::WouldBlock, "AF_XDP send ring did not drain (is the link up?)"));
             }
