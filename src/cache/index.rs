@@ -91,6 +91,11 @@ impl Index {
         (len as u64).div_ceil(self.align).max(1) * self.align
     }
 
+    /// The disk's `O_DIRECT` alignment, which every chunk's cost is rounded up to.
+    pub fn align(&self) -> u64 {
+        self.align
+    }
+
     pub fn used(&self) -> u64 {
         self.used
     }
@@ -287,6 +292,11 @@ impl Index {
         if let Some(f) = self.files.get_mut(root) {
             f.pins += 1;
         }
+    }
+
+    /// Whether a passthrough open holds `root`'s data file (the kernel reads it unasked).
+    pub fn pinned(&self, root: &Root) -> bool {
+        self.files.get(root).is_some_and(|f| f.pins > 0)
     }
 
     pub fn unpin(&mut self, root: &Root) {

@@ -59,6 +59,7 @@ pub(super) struct Shared {
     pub write_bytes_inflight: AtomicU64,
     pub stats: Stats,
     pub enospc_warned: AtomicBool,
+    read_error_warned: AtomicBool,
 }
 
 pub struct Store {
@@ -152,6 +153,7 @@ impl Store {
             write_bytes_inflight: AtomicU64::new(0),
             stats: Stats::default(),
             enospc_warned: AtomicBool::new(false),
+            read_error_warned: AtomicBool::new(false),
         });
         let s2 = shared.clone();
         let writer = std::thread::Builder::new()
@@ -334,9 +336,12 @@ impl Store {
                 }
             }
         };
-        let Ok((file, direct)) = sh.file(root, geom, false) else {
-            self.damaged(root, idx, "its data file is missing");
-            return None;
+        let (file, direct) = match sh.file(root, geom, false) {
+            Ok(f) => f,
+            Err(e) => {
+                self.unreadable(root, idx, "cannot open the data file", e);
+                return None;
+            }
         };
         let len = rec.len as usize;
         let read_len = if direct { round_up(len, sh.align as usize) } else { len };
@@ -401,7 +406,7 @@ impl Store {
                 None
             }
             Ok(Err(e)) => {
-                self.damaged(root, idx, &format!("read error: {e}"));
+                self.unreadable(root, idx, "read error", e);
                 None
             }
             Err(_) => {
@@ -412,14 +417,34 @@ impl Store {
         }
     }
 
-    /// Forget a damaged chunk, release its bytes, log.
+    /// A chunk that could not be read: damaged when the error is about the bytes on disk (or
+    /// the file is gone); otherwise (out of memory or descriptors, a busy or stopped ring) the
+    /// entry is fine and only this read is a miss.
+    fn unreadable(&self, root: &Root, idx: u64, what: &str, e: io::Error) {
+        let sh = &self.shared;
+        if e.kind() == io::ErrorKind::NotFound || about_the_data(&e) {
+            self.damaged(root, idx, &format!("{what}: {e}"));
+            return;
+        }
+        Stats::add(&sh.stats.misses, 1);
+        if !sh.read_error_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(file = %hex(root), chunk = idx, error = %e, "disk cache {what}; fetching from the server (the entry is kept; later such errors are logged at debug level)");
+        } else {
+            tracing::debug!(file = %hex(root), chunk = idx, error = %e, "disk cache {what}; fetching from the server");
+        }
+    }
+
+    /// Forget a damaged chunk, release its bytes (not under a passthrough open: see
+    /// [`WMsg::Forget`]), log.
     fn damaged(&self, root: &Root, idx: u64, why: &str) {
         let sh = &self.shared;
         Stats::add(&sh.stats.misses, 1);
         tracing::warn!(file = %hex(root), chunk = idx, "disk cache entry {why}; dropped, fetching from the server");
         let mut ix = sh.index.lock().unwrap();
+        let pinned = ix.pinned(root);
         if let Some(e) = ix.remove(root, idx) {
-            let _ = sh.tx.lock().unwrap().send(WMsg::Release(vec![e], false));
+            let msg = if pinned { WMsg::Forget(e) } else { WMsg::Release(vec![e], false) };
+            let _ = sh.tx.lock().unwrap().send(msg);
         }
     }
 
@@ -577,8 +602,23 @@ pub(super) fn meta_of(geom: &Geometry) -> FileMeta {
     FileMeta { size: geom.size, chunk_log2: geom.chunk_log2 }
 }
 
+/// Whether a failed read says the bytes on disk are bad (then the entry is dropped), rather than
+/// that this one read could not be done.
+fn about_the_data(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EUCLEAN) | Some(libc::EBADMSG) | Some(libc::ENODATA))
+}
+
 pub(super) fn round_up(n: usize, align: usize) -> usize {
     n.div_ceil(align) * align
+}
+
+/// The bytes chunk `idx` may hold on disk, for releasing it: its own length, and for the last
+/// chunk up to the alignment (a padded tail; past the end of the file there is nothing else).
+/// Rounding a chunk shorter than the alignment in the middle of a file would release the start
+/// of the next chunks, which stay recorded as verified.
+pub(super) fn disk_span(g: &Geometry, idx: u64, align: u64) -> u64 {
+    let len = g.chunk_len(idx) as u64;
+    if idx + 1 >= g.n_chunks() { len.div_ceil(align) * align } else { len }
 }
 
 fn apply(ix: &mut Index, r: Record) {
@@ -655,7 +695,7 @@ fn reconcile(dir: &Path, ix: &mut Index, evicted: &[Evicted]) {
             remove_version(dir, &e.root);
         } else if let Ok(f) = OpenOptions::new().write(true).open(data_path(dir, &e.root)) {
             let g = e.meta.geom();
-            let _ = disk::punch_hole(&f, g.chunk_offset(e.idx), g.chunk_size());
+            let _ = disk::punch_hole(&f, g.chunk_offset(e.idx), disk_span(&g, e.idx, ix.align()));
         }
     }
 }

@@ -425,3 +425,66 @@ fn room_a_crash_left_allocated_is_given_back_at_start() {
     }
     assert_eq!(g.load(&s, 20), None);
 }
+
+/// Evicting a chunk smaller than the disk's alignment releases that chunk's bytes only: its
+/// neighbours, still indexed as verified, keep their data (a punch rounded up to the alignment
+/// zeroed them, and a complete file could then reach the kernel through passthrough unchecked).
+#[test]
+fn evicting_a_chunk_smaller_than_the_alignment_keeps_its_neighbours() {
+    // tmpfs aligns to a page whatever its O_DIRECT support; the root disk here aligns to 512.
+    let d = tempfile::tempdir_in("/dev/shm").unwrap();
+    let size = 16 * 1024;
+    let geom = Geometry::new(size, 10).unwrap();
+    let data: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(7) ^ (i >> 10) as u8).collect();
+    let root = *blake3::hash(&data).as_bytes();
+    let f = TestFile { geom, data, root };
+    let probe = Store::open(&cfg(d.path(), 1 << 20, false)).unwrap();
+    let align = probe.shared.align;
+    drop(probe);
+    assert!(align > 1024, "the test needs an alignment above 1 KiB, /dev/shm has {align}");
+    // Room for 15 chunks: admitting the 16th evicts chunk 0, the least recently used.
+    let s = Store::open(&cfg(d.path(), 15 * align, false)).unwrap();
+    for i in 0..15 {
+        s.admit(&f.root, &f.geom, f.cv(i), &f.chunk(i));
+    }
+    s.flush();
+    s.admit(&f.root, &f.geom, f.cv(15), &f.chunk(15));
+    s.flush();
+    assert_eq!(s.stats().evictions.load(Ordering::Relaxed), 1);
+    assert_eq!(f.load(&s, 0), None);
+    let lost: Vec<u64> = (1..16).filter(|&i| f.load(&s, i).as_deref() != Some(f.slice(i))).collect();
+    assert!(lost.is_empty(), "chunks {lost:?} lost their data when chunk 0 was evicted");
+    assert_eq!(s.stats().verify_failures.load(Ordering::Relaxed), 0);
+}
+
+/// A damaged chunk of a file pinned for passthrough leaves the index (wraith's reads fetch it
+/// again) but its bytes stay: the kernel reads that file unasked, and a hole would give it zeros.
+/// Unpinned, the damaged chunk's bytes are released as usual.
+#[test]
+fn a_damaged_chunk_of_a_pinned_file_is_forgotten_but_not_punched() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let f = TestFile::new(4 * 65536, 31);
+    let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+    f.fill(&s);
+    let p = data_path(d.path(), &f.root);
+    let pin = s.pin_complete(&f.root, &f.geom).unwrap();
+    let flipped = f.data[65536 + 10] ^ 0x40;
+    patch(&p, 65536 + 10, &[flipped]);
+    assert_eq!(f.load(&s, 1), None);
+    s.flush();
+    let mut on_disk = vec![0u8; 65536];
+    File::open(&p).unwrap().read_exact_at(&mut on_disk, 65536).unwrap();
+    let mut want = f.slice(1).to_vec();
+    want[10] = flipped;
+    assert!(on_disk == want, "a pinned file's damaged chunk was released");
+    assert_eq!(allocated(d.path(), &f), 4 * 65536);
+    // Fetched again, it is written over the damage.
+    f.fill(&s);
+    assert_eq!(f_load_all(&f, &s), 4);
+    drop(pin);
+    patch(&p, 65536 + 10, &[flipped]);
+    assert_eq!(f.load(&s, 1), None);
+    s.flush();
+    assert_eq!(allocated(d.path(), &f), 3 * 65536);
+}

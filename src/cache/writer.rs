@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::index::{ChunkRec, Evicted, FileMeta};
 use super::layout::{hex, pieces_offset, pieces_path, Record, Root};
 use super::prealloc::{Groups, Plan};
-use super::store::{round_up, Shared};
+use super::store::{disk_span, round_up, Shared};
 use super::Stats;
 use crate::chunk::{Buf, Geometry, VerifiedChunk};
 use crate::sys::disk;
@@ -37,6 +37,10 @@ pub(super) enum WMsg {
     },
     /// Release chunks taken out of the index; `true` counts them as evictions.
     Release(Vec<Evicted>, bool),
+    /// Record a damaged chunk of a pinned file absent without releasing its bytes: the kernel
+    /// reads that file for a passthrough open, and a hole would hand it zeros. The chunk fetched
+    /// again is written over them.
+    Forget(Evicted),
     /// Answer once every write queued before is recorded.
     Flush(SyncSender<()>),
     Stop,
@@ -147,6 +151,8 @@ impl Writer {
                     self.release(e, count);
                 }
             }
+            WMsg::Forget(e) if e.file_empty => self.delete(&e.root),
+            WMsg::Forget(e) => self.pending.extend_from_slice(&Record::Absent { root: e.root, idx: e.idx }.encode()),
             WMsg::Flush(tx) => self.flushes.push(tx),
             WMsg::Stop => *stopping = true,
         }
@@ -251,7 +257,7 @@ impl Writer {
                 j += 1;
             }
             let start = g.chunk_offset(slots[i]);
-            let end = g.chunk_offset(slots[j - 1]) + round_up(g.chunk_len(slots[j - 1]), self.sh.align as usize) as u64;
+            let end = g.chunk_offset(slots[j - 1]) + disk_span(&g, slots[j - 1], self.sh.align);
             let _ = disk::punch_hole(&*f, start, end - start);
             i = j;
         }
@@ -330,7 +336,7 @@ impl Writer {
         }
         let g = e.meta.geom();
         if let Ok((f, _)) = self.sh.file(&e.root, &g, false) {
-            let _ = disk::punch_hole(&*f, g.chunk_offset(e.idx), round_up(g.chunk_len(e.idx), self.sh.align as usize) as u64);
+            let _ = disk::punch_hole(&*f, g.chunk_offset(e.idx), disk_span(&g, e.idx, self.sh.align));
         }
         self.groups.punched(&e.root, &g, e.idx);
         self.pending.extend_from_slice(&Record::Absent { root: e.root, idx: e.idx }.encode());
