@@ -134,6 +134,10 @@ pub struct IoStats {
     pub zero_copy_reads: AtomicU64,
     pub slots: AtomicU64,
     pub here_reads: AtomicU64,
+    /// Tests: the ring thread's next `io_uring_enter` with operations in the ring fails as if the
+    /// kernel refused it.
+    #[cfg(test)]
+    pub fail_enter: std::sync::atomic::AtomicBool,
 }
 
 impl IoStats {
@@ -693,19 +697,35 @@ impl Ring {
             stats.enters.fetch_add(1, Ordering::Relaxed);
             stats.max_batch.fetch_max(batch, Ordering::Relaxed);
             batch = 0;
-            match self.ring.submit_and_wait(1) {
+            #[cfg(test)]
+            let r = if inflight > 0 && stats.fail_enter.swap(false, Ordering::Relaxed) {
+                Err(io::Error::from_raw_os_error(libc::EFAULT))
+            } else {
+                self.ring.submit_and_wait(1)
+            };
+            #[cfg(not(test))]
+            let r = self.ring.submit_and_wait(1);
+            match r {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                    // The kernel is short of memory for requests for a moment: try again.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 Err(e) => {
-                    tracing::error!("io_uring_enter failed: {e}; the disk cache stops");
-                    // Nothing can complete any more: fail what waits; what is in flight keeps
-                    // its slots (leaked with the arena: the kernel may still use them).
-                    for (_, done) in pending.drain(..) {
+                    tracing::error!("io_uring_enter failed: {e}; the disk cache goes on with pread/pwrite");
+                    // What is in flight may still be the kernel's: its slots, a write's bytes
+                    // and the wake read's buffer are leaked (the arena with them), and its
+                    // requester gets an error, so nobody waits for it forever.
+                    for f in table.drain(..).flatten() {
+                        let InFlight { op, done, slots, .. } = f;
+                        std::mem::forget((op, slots));
                         done(Err(io::Error::other("io_uring failed")));
                     }
-                    std::mem::forget(table);
                     std::mem::forget(self.arena.clone());
-                    return;
+                    std::mem::forget(std::mem::take(&mut self.wake_buf));
+                    self.serve_sync(pending, &rx, stopping);
+                    break;
                 }
             }
             let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
@@ -763,6 +783,24 @@ impl Ring {
         drop(ring);
         drop(wake_buf);
         drop(arena);
+    }
+
+    /// After the ring failed: every operation, those waiting and those still to come, with
+    /// pread/pwrite on this thread until the store stops.
+    fn serve_sync(&mut self, mut pending: VecDeque<(Op, Done)>, rx: &Receiver<Msg>, mut stopping: bool) {
+        let slot = self.arena.slot;
+        loop {
+            while let Some((op, done)) = pending.pop_front() {
+                done(sync_op(&op, &mut self.big, slot));
+            }
+            if stopping {
+                return;
+            }
+            match rx.recv() {
+                Ok(Msg::Ops(ops)) => pending.extend(ops),
+                Ok(Msg::Stop) | Err(_) => stopping = true,
+            }
+        }
     }
 
     /// Hand a completed operation's result to its requester.
@@ -862,6 +900,56 @@ mod tests {
         rx.recv().unwrap().unwrap();
         io.submit(Op::Read { file: f.clone(), offset: 24 * 8192, len: huge.len() }, Box::new(move |r| rtx.send((0, r)).unwrap()));
         assert_eq!(&rrx.recv().unwrap().1.unwrap()[..], &huge[..]);
+        drop(io);
+    }
+
+    /// An `io_uring_enter` that fails for good: what was in the ring gets an error (nobody
+    /// waits forever), what comes later is served with pread/pwrite, and the thread stops.
+    #[test]
+    fn a_failed_ring_answers_everything_and_goes_on_with_pread() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap(),
+        );
+        let io = IoThread::start(IoConfig { align: 4096, buf_size: 8192, n_bufs: 4, max_bufs: 4, force_sync: false }).unwrap();
+        if io.mode() != Mode::Uring {
+            panic!("io_uring is not available here");
+        }
+        let (tx, rx) = sync_channel(64);
+        let write = |i: u64, tx: std::sync::mpsc::SyncSender<io::Result<()>>| {
+            let data: Vec<u8> = (0..8192).map(|j| (i as usize * 5 + j) as u8).collect();
+            io.submit(
+                Op::Write { file: f.clone(), offset: i * 8192, data: Box::new(Buf::from(data)), padded: 8192 },
+                Box::new(move |r| tx.send(r.map(|_| ())).unwrap()),
+            );
+        };
+        io.stats.fail_enter.store(true, Ordering::Relaxed);
+        let ops: Vec<(Op, Done)> = (0..8u64)
+            .map(|i| {
+                let tx = tx.clone();
+                let data: Vec<u8> = (0..8192).map(|j| (i as usize * 5 + j) as u8).collect();
+                let op = Op::Write { file: f.clone(), offset: i * 8192, data: Box::new(Buf::from(data)), padded: 8192 };
+                let done: Done = Box::new(move |r| tx.send(r.map(|_| ())).unwrap());
+                (op, done)
+            })
+            .collect();
+        io.submit_many(ops);
+        let mut failed = 0;
+        for _ in 0..8 {
+            if rx.recv_timeout(Duration::from_secs(10)).expect("every write is answered").is_err() {
+                failed += 1;
+            }
+        }
+        assert!(failed >= 1, "the writes in the failed ring get an error");
+        for i in 0..8 {
+            write(i, tx.clone());
+            rx.recv_timeout(Duration::from_secs(10)).expect("answered").expect("written with pwrite");
+        }
+        let (rtx, rrx) = sync_channel(8);
+        io.submit(Op::Read { file: f.clone(), offset: 3 * 8192, len: 8192 }, Box::new(move |r| rtx.send(r).unwrap()));
+        let got = rrx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        let want: Vec<u8> = (0..8192).map(|j| (3 * 5 + j) as u8).collect();
+        assert_eq!(&got[..], &want[..]);
         drop(io);
     }
 
