@@ -59,6 +59,8 @@ pub(super) struct Shared {
     pub write_bytes_inflight: AtomicU64,
     pub stats: Stats,
     pub enospc_warned: AtomicBool,
+    /// `cache_size`: the limit, unless a full filesystem cut it (see the writer's `regrow`).
+    pub size: u64,
     read_error_warned: AtomicBool,
 }
 
@@ -153,6 +155,7 @@ impl Store {
             write_bytes_inflight: AtomicU64::new(0),
             stats: Stats::default(),
             enospc_warned: AtomicBool::new(false),
+            size: cfg.size,
             read_error_warned: AtomicBool::new(false),
         });
         let s2 = shared.clone();

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use super::index::{ChunkRec, Evicted, FileMeta};
@@ -71,10 +71,19 @@ struct Writer {
     pcv: Option<(Root, File)>,
     /// Files filled in order, whose blocks are allocated a group at a time.
     groups: Groups,
+    /// When the room on the filesystem was last checked (or the limit cut).
+    regrow_checked: Instant,
 }
 
 /// How long the writer waits without work before it gives back the room it allocated ahead.
 const IDLE_GIVE_BACK: Duration = Duration::from_secs(2);
+
+/// How often a limit cut by a full filesystem is checked against the room the filesystem has.
+const REGROW_EVERY: Duration = Duration::from_secs(2);
+
+/// Room the cache leaves free on its filesystem when it grows back after `ENOSPC`: 1 % of the
+/// filesystem, at least this.
+const FREE_MARGIN_MIN: u64 = 1 << 20;
 
 /// Spare slots (blocks allocated ahead) the cache holds at most: an eighth of its size, and no
 /// more than a few streams' groups.
@@ -93,6 +102,7 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
         flushes: Vec::new(),
         pcv: None,
         groups: Groups::default(),
+        regrow_checked: Instant::now(),
     };
     let mut stopping = false;
     loop {
@@ -108,6 +118,7 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => {
                     w.give_back_all();
+                    w.regrow();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -304,17 +315,22 @@ impl Writer {
         if no_space(&e) {
             // The disk is fuller than cache_size assumed: give back the blocks allocated ahead,
             // hold what we have, evict to admit more.
+            // The limit becomes what is held and still being written (this chunk's
+            // reservation is already given up): nothing is evicted for writes that are under
+            // way, and a burst of failures does not empty the cache; a new chunk is admitted
+            // only by evicting one.
             drop(ix);
             self.give_back_all();
             let mut ix = self.sh.index.lock().unwrap();
-            let used = ix.used();
-            let ev = ix.set_limit(used);
+            let held = (ix.used() + ix.reserved()).min(ix.limit());
+            let ev = ix.set_limit(held);
             drop(ix);
             for e in ev {
                 self.release(e, true);
             }
+            self.regrow_checked = Instant::now();
             if !self.sh.enospc_warned.swap(true, Ordering::Relaxed) {
-                tracing::warn!(dir = %self.sh.dir.display(), limit = used, "cache filesystem is full; the cache keeps {used} bytes and reads stream through uncached when it cannot admit");
+                tracing::warn!(dir = %self.sh.dir.display(), limit = held, "cache filesystem is full; the cache keeps {held} bytes, and reads stream through uncached when it cannot admit, until the filesystem has room again");
             }
         } else {
             drop(ix);
@@ -379,7 +395,30 @@ impl Writer {
         self.pending.extend_from_slice(&Record::FileGone { root: *root }.encode());
     }
 
+    /// After `ENOSPC` cut the limit to what the cache held: once the filesystem has room again
+    /// (something else freed space), grow it back toward `cache_size`, leaving a margin free.
+    fn regrow(&mut self) {
+        if self.regrow_checked.elapsed() < REGROW_EVERY || self.sh.index.lock().unwrap().limit() >= self.sh.size {
+            return;
+        }
+        self.regrow_checked = Instant::now();
+        let Ok(st) = crate::sys::fs::fstatvfs(std::os::fd::AsFd::as_fd(&self.journal)) else { return };
+        let avail = st.bavail.saturating_mul(st.frsize);
+        let margin = (st.blocks.saturating_mul(st.frsize) / 100).max(FREE_MARGIN_MIN);
+        let mut ix = self.sh.index.lock().unwrap();
+        let held = ix.used() + ix.reserved() + ix.spare();
+        let limit = (held + avail.saturating_sub(margin)).min(self.sh.size);
+        if limit > ix.limit() {
+            let ev = ix.set_limit(limit);
+            drop(ix);
+            debug_assert!(ev.is_empty());
+            self.sh.enospc_warned.store(false, Ordering::Relaxed);
+            tracing::info!(dir = %self.sh.dir.display(), limit, "cache filesystem has room again; the cache may hold {limit} bytes");
+        }
+    }
+
     fn flush_journal(&mut self) {
+        self.regrow();
         if self.pending.is_empty() {
             return;
         }
