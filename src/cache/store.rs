@@ -720,25 +720,43 @@ fn release_unrecorded(path: &Path, ix: &mut Index, root: &Root, meta: FileMeta) 
     if m.blocks() * 512 <= expected + FS_OWN_BLOCKS {
         return;
     }
+    // One punch per run of absent chunks (a huge sparse file with a few chunks is a few calls,
+    // not one per chunk); the run to the end covers the whole last block.
     let g = meta.geom();
-    let present: HashSet<u64> = present.into_iter().collect();
-    for i in (0..g.n_chunks()).filter(|i| !present.contains(i)) {
-        let _ = disk::punch_hole(&f, g.chunk_offset(i), g.chunk_size());
+    let mut present = present;
+    present.sort_unstable();
+    let mut start = 0;
+    for p in present.into_iter().chain(std::iter::once(g.n_chunks())) {
+        if p > start {
+            let _ = disk::punch_hole(&f, g.chunk_offset(start), g.chunk_offset(p) - g.chunk_offset(start));
+        }
+        start = p + 1;
     }
 }
 
 /// Rewrite the journal with one record per present chunk, least recently used first, through a
 /// temporary file and a rename (a crash leaves the old or the new journal).
 pub(super) fn compact(dir: &Path, ix: &Index) -> io::Result<()> {
-    let tmp = dir.join("journal.tmp");
+    write_journal(dir, &encode_compact(ix))
+}
+
+/// The compacted journal's bytes: the header and one record per present chunk, least recently
+/// used first.
+pub(super) fn encode_compact(ix: &Index) -> Vec<u8> {
     let mut out = Vec::with_capacity(layout::HEADER_LEN + ix.chunks() * layout::RECORD_LEN);
     out.extend_from_slice(&layout::encode_header());
     for (root, meta, idx, c) in ix.oldest_first() {
         let r = Record::Present { root, idx, size: meta.size, chunk_log2: meta.chunk_log2, len: c.len, cv: c.cv };
         out.extend_from_slice(&r.encode());
     }
+    out
+}
+
+/// Replace the journal with `out` (see [`compact`]).
+pub(super) fn write_journal(dir: &Path, out: &[u8]) -> io::Result<()> {
+    let tmp = dir.join("journal.tmp");
     let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
-    f.write_all(&out)?;
+    f.write_all(out)?;
     f.sync_data()?;
     std::fs::rename(&tmp, dir.join("journal"))
 }

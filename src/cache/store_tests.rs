@@ -488,3 +488,29 @@ fn a_damaged_chunk_of_a_pinned_file_is_forgotten_but_not_punched() {
     s.flush();
     assert_eq!(allocated(d.path(), &f), 3 * 65536);
 }
+
+/// Start-up releases every unrecorded run of chunks around the recorded ones (one punch per
+/// run), and the recorded chunks keep their bytes.
+#[test]
+fn unrecorded_runs_around_recorded_chunks_are_released_at_start() {
+    let d = tempfile::tempdir().unwrap();
+    let f = TestFile::new(40 * 65536 + 777, 32);
+    {
+        let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+        f.fill(&s);
+    }
+    // Only chunks 10, 11 and 30 recorded: the rest was written but its records were lost.
+    let mut j = layout::encode_header().to_vec();
+    for i in [10, 11, 30] {
+        let r = Record::Present { root: f.root, idx: i, size: f.geom.size, chunk_log2: LOG2, len: 65536, cv: f.cv(i).unwrap() };
+        j.extend_from_slice(&r.encode());
+    }
+    std::fs::write(d.path().join("journal"), j).unwrap();
+    let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+    assert_eq!(s.usage().1, 3 * 65536);
+    assert_allocated(d.path(), &f, 3 * 65536);
+    for i in 0..f.geom.n_chunks() {
+        let want = [10, 11, 30].contains(&i).then(|| f.slice(i).to_vec());
+        assert_eq!(f.load(&s, i), want, "chunk {i}");
+    }
+}

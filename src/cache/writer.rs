@@ -73,6 +73,8 @@ struct Writer {
     groups: Groups,
     /// When the room on the filesystem was last checked (or the limit cut).
     regrow_checked: Instant,
+    /// The journal's length after the last whole append (None: unknown).
+    journal_len: Option<u64>,
 }
 
 /// How long the writer waits without work before it gives back the room it allocated ahead.
@@ -95,7 +97,6 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
     let mut w = Writer {
         sh,
         me,
-        journal,
         pending: Vec::new(),
         appended: 0,
         inflight: 0,
@@ -103,6 +104,8 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
         pcv: None,
         groups: Groups::default(),
         regrow_checked: Instant::now(),
+        journal_len: journal.metadata().ok().map(|m| m.len()),
+        journal,
     };
     let mut stopping = false;
     loop {
@@ -422,9 +425,20 @@ impl Writer {
         if self.pending.is_empty() {
             return;
         }
-        if let Err(e) = self.journal.write_all(&self.pending) {
-            // Records lost here only make the cache forget chunks; start-up reconciles the space.
-            tracing::warn!(error = %e, "cannot append to the disk cache journal");
+        match self.journal.write_all(&self.pending) {
+            Ok(()) => self.journal_len = self.journal_len.map(|n| n + self.pending.len() as u64),
+            Err(e) => {
+                // Records lost here only make the cache forget chunks (start-up reconciles the
+                // space, and a chunk whose `absent` was lost fails verification). A part written
+                // (ENOSPC) is cut off: replay stops at a torn record, which would hide every
+                // record appended after it.
+                tracing::warn!(error = %e, "cannot append to the disk cache journal");
+                if let Some(n) = self.journal_len {
+                    if self.journal.set_len(n).is_err() {
+                        self.journal_len = None;
+                    }
+                }
+            }
         }
         self.appended += (self.pending.len() / super::layout::RECORD_LEN) as u64;
         self.pending.clear();
@@ -435,13 +449,14 @@ impl Writer {
     }
 
     fn compact(&mut self) {
-        let r = {
-            let ix = self.sh.index.lock().unwrap();
-            super::store::compact(&self.sh.dir, &ix)
-        };
+        // Only the encoding holds the index lock, not the write and fsync: what changes in the
+        // index meanwhile reaches the new journal as records this thread appends after it.
+        let out = super::store::encode_compact(&self.sh.index.lock().unwrap());
+        let r = super::store::write_journal(&self.sh.dir, &out);
         match r.and_then(|()| std::fs::OpenOptions::new().append(true).open(self.sh.dir.join("journal"))) {
             Ok(j) => {
                 self.journal = j;
+                self.journal_len = Some(out.len() as u64);
                 self.appended = 0;
             }
             Err(e) => tracing::warn!(error = %e, "cannot compact the disk cache journal"),

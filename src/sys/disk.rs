@@ -64,7 +64,6 @@ pub fn punch_hole(file: &impl AsFd, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// `getxattr(2)` on a path, following symlinks.
 /// Allocate the blocks of `offset..offset+len` without changing the file's size (their bytes
 /// read as zeros until written).
 pub fn allocate(file: &impl AsFd, offset: u64, len: u64) -> io::Result<()> {
@@ -76,6 +75,7 @@ pub fn allocate(file: &impl AsFd, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// `getxattr(2)` on a path, following symlinks.
 pub fn getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
     let p = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
