@@ -133,8 +133,9 @@ fn query(ifindex: u32) -> io::Result<Option<Attached>> {
     Ok(Some(Attached { prog_id, mode_flags }))
 }
 
-/// The name the kernel keeps for program `id` (at most 15 bytes).
-fn prog_name(id: u32) -> io::Result<String> {
+/// The name the kernel keeps for program `id` (at most 15 bytes), and an fd that holds the
+/// program (for a detach that removes this program and no other).
+fn prog_name(id: u32) -> io::Result<(OwnedFd, String)> {
     // SAFETY: plain syscall wrapper; a negative return is an error, else a new fd we own.
     let fd = unsafe { bpf::bpf_prog_get_fd_by_id(id) };
     if fd < 0 {
@@ -151,7 +152,7 @@ fn prog_name(id: u32) -> io::Result<String> {
         return Err(errno(r));
     }
     let name: Vec<u8> = info.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    Ok(String::from_utf8_lossy(&name).into_owned())
+    Ok((fd, String::from_utf8_lossy(&name).into_owned()))
 }
 
 /// wraith's filter, attached to one interface. Dropping it detaches the program.
@@ -285,7 +286,7 @@ fn remove_stale(ifindex: u32) -> Result<Option<u32>, AttachError> {
     // A program that vanishes between the query and reading its name (its owner just exited and
     // closed its link) is gone, not foreign: ask again, a bounded number of times.
     let mut tries = 0;
-    let (cur, name) = loop {
+    let (cur, prog, name) = loop {
         tries += 1;
         let cur = match query(ifindex) {
             Ok(Some(a)) => a,
@@ -295,24 +296,34 @@ fn remove_stale(ifindex: u32) -> Result<Option<u32>, AttachError> {
         // Reading another program's name needs CAP_SYS_ADMIN: without it, say that, rather than
         // call the program foreign.
         match prog_name(cur.prog_id) {
-            Ok(n) => break (cur, n),
+            Ok((fd, n)) => break (cur, Some(fd), n),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) => return Err(AttachError::Load(e)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 5 => continue,
-            Err(_) => break (cur, String::new()),
+            Err(_) => break (cur, None, String::new()),
         }
     };
     if name != PROG_NAME.to_str().unwrap_or_default() {
         return Err(AttachError::InUse { prog_id: cur.prog_id, name, live_wraith: false });
     }
-    // A netlink attachment detaches; a link (a live process owns it) answers EBUSY.
-    // SAFETY: plain netlink request; null opts = detach whatever is attached in this mode.
-    let r = unsafe { bpf::bpf_xdp_detach(ifindex as i32, cur.mode_flags, std::ptr::null()) };
+    let Some(prog) = prog else { return Err(AttachError::InUse { prog_id: cur.prog_id, name, live_wraith: false }) };
+    // A netlink attachment detaches; a link (a live process owns it) answers EBUSY. With the
+    // old program's fd libbpf asks for XDP_FLAGS_REPLACE: if another program took its place
+    // since the query, the kernel answers EEXIST and that program stays.
+    let opts = bpf::bpf_xdp_attach_opts {
+        sz: std::mem::size_of::<bpf::bpf_xdp_attach_opts>() as _,
+        old_prog_fd: prog.as_raw_fd(),
+        ..Default::default()
+    };
+    // SAFETY: plain netlink request; `opts` is a valid, sized bpf_xdp_attach_opts and `prog`
+    // stays open for the call.
+    let r = unsafe { bpf::bpf_xdp_detach(ifindex as i32, cur.mode_flags, &opts) };
     if r < 0 {
         let e = errno(r);
         if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
             return Err(AttachError::Load(e));
         }
-        return Err(AttachError::InUse { prog_id: cur.prog_id, name, live_wraith: true });
+        let live_wraith = e.raw_os_error() != Some(libc::EEXIST);
+        return Err(AttachError::InUse { prog_id: cur.prog_id, name, live_wraith });
     }
     Ok(Some(cur.prog_id))
 }
