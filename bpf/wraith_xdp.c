@@ -105,15 +105,10 @@ int wraith_xdp(struct xdp_md *ctx)
 		return XDP_PASS;
 	__u16 ethertype = load16(p + 12);
 	p += 14;
-	// At most two VLAN tags.
-	for (int i = 0; i < 2; i++) {
-		if (ethertype != BE16(ETH_P_VLAN) && ethertype != BE16(ETH_P_QINQ))
-			break;
-		if (p + 4 > end)
-			return XDP_PASS;
-		ethertype = load16(p + 2);
-		p += 4;
-	}
+	// VLAN-tagged frames belong to the kernel's VLAN devices: the AF_XDP path answers
+	// untagged, so a tagged request is answered by the kernel path (its socket is bound there).
+	if (ethertype == BE16(ETH_P_VLAN) || ethertype == BE16(ETH_P_QINQ))
+		return XDP_PASS;
 
 	const __u8 *udp;
 	if (ethertype == BE16(ETH_P_IPV4)) {
