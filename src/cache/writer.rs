@@ -317,11 +317,9 @@ impl Writer {
         let empty = ix.abort(&root, idx, rec.len);
         if no_space(&e) {
             // The disk is fuller than cache_size assumed: give back the blocks allocated ahead,
-            // hold what we have, evict to admit more.
-            // The limit becomes what is held and still being written (this chunk's
-            // reservation is already given up): nothing is evicted for writes that are under
-            // way, and a burst of failures does not empty the cache; a new chunk is admitted
-            // only by evicting one.
+            // and make the limit what is held and still being written (this chunk's reservation
+            // is already given up). Nothing is evicted for writes under way, so a burst of
+            // failures does not empty the cache; a new chunk is admitted only by evicting one.
             drop(ix);
             self.give_back_all();
             let mut ix = self.sh.index.lock().unwrap();
