@@ -191,9 +191,17 @@ impl ClientTransport {
         let t = ClientTransport { io, peer, shared };
         // Two receive threads: MAC checks (~1.5 µs per 1.4 KB datagram) run in parallel, outside
         // the protocol lock; only the bookkeeping is serialized.
-        for i in 0..RECV_THREADS {
-            let (io, shared, peer) = (t.io.clone(), t.shared.clone(), t.peer);
+        // Every thread's reference exists before the first thread runs: a thread stops when it
+        // sees no more references than the threads' own (the transport was dropped), and one
+        // that started while the next one's reference did not exist yet took the count for
+        // that, stopped, and left the transport deaf (one HELLO, never resent).
+        let refs: Vec<_> = (0..RECV_THREADS).map(|_| (t.io.clone(), t.shared.clone())).collect();
+        for (i, (io, shared)) in refs.into_iter().enumerate() {
+            let peer = t.peer;
             thread::Builder::new().name(format!("wraith-net{i}")).spawn(move || recv_loop(io, shared, peer, i))?;
+            // Tests: let each thread run before the next is made, as a busy machine may.
+            #[cfg(test)]
+            thread::sleep(Duration::from_millis(2));
         }
         Ok(t)
     }
@@ -424,6 +432,45 @@ mod tests {
         }
         fn max_datagram_to(&self, _: SocketAddr) -> usize {
             MIN_DATAGRAM
+        }
+    }
+
+    /// Counts the datagrams sent; never receives anything.
+    struct CountIo {
+        sent: std::sync::atomic::AtomicUsize,
+    }
+
+    impl DatagramIo for CountIo {
+        fn send_burst(&self, _: SocketAddr, _: &[u8], _: usize) -> io::Result<()> {
+            self.sent.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+            thread::sleep(timeout.min(Duration::from_millis(5)));
+            Ok(false)
+        }
+        fn recv_now(&self, _: &mut RecvBufs, _: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn max_datagram_to(&self, _: SocketAddr) -> usize {
+            MIN_DATAGRAM
+        }
+    }
+
+    /// A new transport's receive threads keep running however they are scheduled (under test,
+    /// each runs before the next is made): a silent server gets its HELLO again after 200 ms,
+    /// not once.
+    #[test]
+    fn a_new_transport_resends_its_hello() {
+        for round in 0..5 {
+            let io = Arc::new(CountIo { sent: Default::default() });
+            let t = ClientTransport::with_io(io.clone(), "127.0.0.1:9".parse().unwrap(), [1; 32], 1472).unwrap();
+            let _p = t.submit(&Request::Attach { share: "s".into() }, 0, Duration::from_secs(5));
+            let t0 = Instant::now();
+            while io.sent.load(Ordering::SeqCst) < 2 && t0.elapsed() < Duration::from_secs(2) {
+                thread::sleep(Duration::from_millis(10));
+            }
+            assert!(io.sent.load(Ordering::SeqCst) >= 2, "round {round}: the HELLO was never sent again");
         }
     }
 
