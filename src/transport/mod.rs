@@ -410,43 +410,29 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    /// A path whose first send takes 600 ms (a full socket buffer, an AF_XDP ring that does not
-    /// drain) and that never receives anything.
-    struct SlowIo {
+    /// A path that never receives anything and counts what it sends; with `slow`, its first
+    /// send takes 600 ms (a full socket buffer, an AF_XDP ring that does not drain).
+    struct SilentIo {
         slow: AtomicBool,
+        sent: std::sync::atomic::AtomicUsize,
     }
 
-    impl DatagramIo for SlowIo {
+    impl SilentIo {
+        fn new(slow: bool) -> Arc<Self> {
+            Arc::new(SilentIo { slow: AtomicBool::new(slow), sent: Default::default() })
+        }
+    }
+
+    impl DatagramIo for SilentIo {
         fn send_burst(&self, _: SocketAddr, _: &[u8], _: usize) -> io::Result<()> {
             if self.slow.swap(false, Ordering::SeqCst) {
                 thread::sleep(Duration::from_millis(600));
             }
-            Ok(())
-        }
-        fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-            thread::sleep(timeout.min(Duration::from_millis(20)));
-            Ok(false)
-        }
-        fn recv_now(&self, _: &mut RecvBufs, _: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
-            Ok(0)
-        }
-        fn max_datagram_to(&self, _: SocketAddr) -> usize {
-            MIN_DATAGRAM
-        }
-    }
-
-    /// Counts the datagrams sent; never receives anything.
-    struct CountIo {
-        sent: std::sync::atomic::AtomicUsize,
-    }
-
-    impl DatagramIo for CountIo {
-        fn send_burst(&self, _: SocketAddr, _: &[u8], _: usize) -> io::Result<()> {
             self.sent.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
         fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-            thread::sleep(timeout.min(Duration::from_millis(5)));
+            thread::sleep(timeout.min(Duration::from_millis(20)));
             Ok(false)
         }
         fn recv_now(&self, _: &mut RecvBufs, _: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
@@ -463,7 +449,7 @@ mod tests {
     #[test]
     fn a_new_transport_resends_its_hello() {
         for round in 0..5 {
-            let io = Arc::new(CountIo { sent: Default::default() });
+            let io = SilentIo::new(false);
             let t = ClientTransport::with_io(io.clone(), "127.0.0.1:9".parse().unwrap(), [1; 32], 1472).unwrap();
             let _p = t.submit(&Request::Attach { share: "s".into() }, 0, Duration::from_secs(5));
             let t0 = Instant::now();
@@ -476,7 +462,7 @@ mod tests {
 
     #[test]
     fn a_slow_send_does_not_hold_the_protocol_lock() {
-        let io = Arc::new(SlowIo { slow: AtomicBool::new(true) });
+        let io = SilentIo::new(true);
         let t = Arc::new(ClientTransport::with_io(io.clone(), "127.0.0.1:9".parse().unwrap(), [1; 32], 1472).unwrap());
         let t2 = t.clone();
         let sender = thread::spawn(move || {
