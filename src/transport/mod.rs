@@ -94,6 +94,9 @@ struct Shared {
     waiters: HashMap<u64, Waiter>,
     rejected: bool,
     connected_once: bool,
+    /// Set when the [`ClientTransport`] is dropped: the receive threads stop at their next turn
+    /// (within 100 ms), whoever else still holds the shared state ([`Pending`], [`ContactProbe`]).
+    closed: bool,
 }
 
 /// Counters a person can read (`--stats`, logs).
@@ -187,18 +190,19 @@ impl ClientTransport {
     pub fn with_io(io: Arc<dyn DatagramIo>, peer: SocketAddr, psk: [u8; 32], max_datagram: usize) -> io::Result<Self> {
         let seed = rand::random::<u64>();
         let client = Client::new(Config { psk, max_datagram, seed }, Instant::now());
-        let shared = Arc::new(Mutex::new(Shared { client, waiters: HashMap::new(), rejected: false, connected_once: false }));
+        let shared =
+            Arc::new(Mutex::new(Shared { client, waiters: HashMap::new(), rejected: false, connected_once: false, closed: false }));
         let t = ClientTransport { io, peer, shared };
         // Two receive threads: MAC checks (~1.5 µs per 1.4 KB datagram) run in parallel, outside
-        // the protocol lock; only the bookkeeping is serialized.
-        // Every thread's reference exists before the first thread runs: a thread stops when it
-        // sees no more references than the threads' own (the transport was dropped), and one
-        // that started while the next one's reference did not exist yet took the count for
-        // that, stopped, and left the transport deaf (one HELLO, never resent).
-        let refs: Vec<_> = (0..RECV_THREADS).map(|_| (t.io.clone(), t.shared.clone())).collect();
-        for (i, (io, shared)) in refs.into_iter().enumerate() {
-            let peer = t.peer;
-            thread::Builder::new().name(format!("wraith-net{i}")).spawn(move || recv_loop(io, shared, peer, i))?;
+        // the protocol lock; only the bookkeeping is serialized. They run until the transport is
+        // dropped (`Shared::closed`), however they are scheduled.
+        for i in 0..RECV_THREADS {
+            let (io, shared, peer) = (t.io.clone(), t.shared.clone(), t.peer);
+            let spawned = thread::Builder::new().name(format!("wraith-net{i}")).spawn(move || recv_loop(io, shared, peer, i));
+            if let Err(e) = spawned {
+                drop(t); // stops the threads already running
+                return Err(e);
+            }
             // Tests: let each thread run before the next is made, as a busy machine may.
             #[cfg(test)]
             thread::sleep(Duration::from_millis(2));
@@ -230,7 +234,7 @@ impl ClientTransport {
     }
 
     /// What came back from the server so far, readable after the transport is gone (for the
-    /// message of a failed first contact). Holding it keeps the receive threads running.
+    /// message of a failed first contact).
     pub fn contact_probe(&self) -> ContactProbe {
         ContactProbe(self.shared.clone())
     }
@@ -247,6 +251,15 @@ impl ClientTransport {
             datagrams_in: c.stats.datagrams_in,
             datagrams_out: c.stats.datagrams_out,
         }
+    }
+}
+
+impl Drop for ClientTransport {
+    /// Stop the receive threads, and fail what still waits at once instead of at its deadline.
+    fn drop(&mut self) {
+        let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        s.closed = true;
+        s.waiters.clear(); // a waiter sees its sender gone: RemoteTimeout
     }
 }
 
@@ -342,11 +355,11 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
                 "transport"
             );
         }
-        if Arc::strong_count(&shared) <= RECV_THREADS {
-            return; // the transport was dropped
-        }
         let (wait, key) = {
             let s = shared.lock().unwrap();
+            if s.closed {
+                return;
+            }
             let now = Instant::now();
             let wait = s.client.poll_timeout().map_or(Duration::from_millis(100), |t| t.saturating_duration_since(now));
             (wait.min(Duration::from_millis(100)), s.client.response_key())
@@ -458,6 +471,26 @@ mod tests {
             }
             assert!(io.sent.load(Ordering::SeqCst) >= 2, "round {round}: the HELLO was never sent again");
         }
+    }
+
+    /// Dropping the transport stops its receive threads (they hold the path: its count falls
+    /// back to ours) although a request and a probe still hold the shared state, and the
+    /// request fails at once, not at its deadline.
+    #[test]
+    fn dropping_the_transport_stops_its_threads_and_fails_what_waits() {
+        let io = SilentIo::new(false);
+        let t = ClientTransport::with_io(io.clone(), "127.0.0.1:9".parse().unwrap(), [1; 32], 1472).unwrap();
+        let pending = t.submit(&Request::Attach { share: "s".into() }, 0, Duration::from_secs(30));
+        let probe = t.contact_probe();
+        drop(t);
+        let t0 = Instant::now();
+        assert!(matches!(pending.wait(), Err(Error::RemoteTimeout)));
+        assert!(t0.elapsed() < Duration::from_secs(1), "the request waited {:?} after the drop", t0.elapsed());
+        while Arc::strong_count(&io) > 1 && t0.elapsed() < Duration::from_secs(2) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(Arc::strong_count(&io), 1, "a receive thread still runs");
+        assert!(probe.describe().contains("nothing came back"));
     }
 
     #[test]
