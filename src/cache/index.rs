@@ -87,8 +87,12 @@ impl Index {
         Index { files: HashMap::new(), lru: LruCache::unbounded(), used: 0, reserved: 0, spare: 0, limit, align: align.max(1) }
     }
 
+    /// Room a chunk of `len` bytes takes: its data rounded to the alignment, and the piece values
+    /// kept beside it (32 bytes per 16 KiB piece; a chunk of one piece has none).
     pub fn cost(&self, len: u32) -> u64 {
-        (len as u64).div_ceil(self.align).max(1) * self.align
+        let len = len as u64;
+        let pieces = if len > crate::chunk::PIECE_SIZE as u64 { len.div_ceil(crate::chunk::PIECE_SIZE as u64) * 32 } else { 0 };
+        len.div_ceil(self.align).max(1) * self.align + pieces
     }
 
     /// The disk's `O_DIRECT` alignment, which every chunk's cost is rounded up to.
@@ -129,6 +133,11 @@ impl Index {
 
     pub fn contains(&self, root: &Root, idx: u64) -> bool {
         self.files.get(root).is_some_and(|f| f.chunks.contains_key(&idx))
+    }
+
+    /// Chunk `idx` is present or being written (its piece values are or will be in use).
+    pub fn holds(&self, root: &Root, idx: u64) -> bool {
+        self.files.get(root).is_some_and(|f| f.chunks.contains_key(&idx) || f.reserving.contains(&idx))
     }
 
     /// Reserve room to write chunk `idx` (`len` bytes) of the file `root`.

@@ -181,6 +181,31 @@ pub fn pieces_offset(chunk_log2: u8, idx: u64) -> u64 {
     idx.saturating_mul(per_chunk)
 }
 
+/// The bytes of a pieces file that releasing chunk `idx` may free: the chunk's own values, widened
+/// toward the edges of the `block`-sized blocks they lie in over the values of neighbours that
+/// `holds` says are not held (present or being written). So a block is freed whole once none
+/// of its chunks is held, and no held chunk's values are touched. (A punch that covers part of a
+/// block only zeroes it; zeroed values fail their check and cost a whole-chunk read, never a
+/// wrong byte.)
+pub fn pieces_release(chunk_log2: u8, n_chunks: u64, idx: u64, block: u64, holds: impl Fn(u64) -> bool) -> std::ops::Range<u64> {
+    let per = pieces_offset(chunk_log2, 1);
+    let block = block.max(1);
+    let (start, end) = (pieces_offset(chunk_log2, idx), pieces_offset(chunk_log2, idx + 1));
+    let (floor, ceil) = (start / block * block, end.div_ceil(block).saturating_mul(block));
+    let (mut lo, mut hi) = (start, end);
+    let mut j = idx;
+    while j > 0 && lo > floor && !holds(j - 1) {
+        j -= 1;
+        lo = pieces_offset(chunk_log2, j).max(floor);
+    }
+    let mut j = idx + 1;
+    while j < n_chunks && hi < ceil && !holds(j) {
+        hi = (hi + per).min(ceil);
+        j += 1;
+    }
+    lo..hi
+}
+
 /// The root a data file name stands for (None for foreign names).
 pub fn root_of_name(name: &str) -> Option<Root> {
     if name.len() != 64 {
@@ -192,6 +217,23 @@ pub fn root_of_name(name: &str) -> Option<Root> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 256 KiB chunks: 512 bytes of values each, eight to a 4 KiB block.
+    #[test]
+    fn releasing_pieces_frees_whole_blocks_and_keeps_held_values() {
+        let l = 18;
+        // Nothing else held: the whole block of chunks 8..16.
+        assert_eq!(pieces_release(l, 100, 11, 4096, |_| false), 4096..8192);
+        // Chunks 9 and 14 held: only 10..14, never theirs.
+        assert_eq!(pieces_release(l, 100, 11, 4096, |j| j == 9 || j == 14), 5120..7168);
+        // A neighbour right beside it held on each side: only its own values.
+        assert_eq!(pieces_release(l, 100, 11, 4096, |j| j == 10 || j == 12), 5632..6144);
+        // The file's last chunks: not past its end.
+        assert_eq!(pieces_release(l, 13, 11, 4096, |_| false), 4096..6656);
+        assert_eq!(pieces_release(l, 100, 0, 4096, |_| false), 0..4096);
+        // Values larger than a block (64 MiB chunks: 128 KiB each): exactly its own.
+        assert_eq!(pieces_release(26, 10, 3, 4096, |_| false), 3 * 131072..4 * 131072);
+    }
 
     fn hexs(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()

@@ -710,25 +710,56 @@ fn reconcile(dir: &Path, ix: &mut Index, evicted: &[Evicted]) {
 const FS_OWN_BLOCKS: u64 = 64 << 10;
 
 fn release_unrecorded(path: &Path, ix: &mut Index, root: &Root, meta: FileMeta) {
+    let mut present: Vec<u64> = ix.files().find(|(r, _, _)| *r == root).map(|(_, _, c)| c.iter().map(|x| x.0).collect()).unwrap_or_default();
+    present.sort_unstable();
+    let g = meta.geom();
+    let mut pieces = path.as_os_str().to_owned();
+    pieces.push(layout::PIECES_SUFFIX);
+    release_unrecorded_pieces(Path::new(&pieces), &g, &present);
     let Ok(f) = OpenOptions::new().write(true).open(path) else { return };
     let Ok(m) = f.metadata() else { return };
     if m.len() != meta.size && f.set_len(meta.size).is_err() {
         return;
     }
-    let present: Vec<u64> = ix.files().find(|(r, _, _)| *r == root).map(|(_, _, c)| c.iter().map(|x| x.0).collect()).unwrap_or_default();
     let expected: u64 = present.len() as u64 * ix.cost(1u32 << meta.chunk_log2.min(31));
     if m.blocks() * 512 <= expected + FS_OWN_BLOCKS {
         return;
     }
     // One punch per run of absent chunks (a huge sparse file with a few chunks is a few calls,
     // not one per chunk); the run to the end covers the whole last block.
-    let g = meta.geom();
-    let mut present = present;
-    present.sort_unstable();
+    punch_runs(&f, &present, g.n_chunks(), |i| g.chunk_offset(i));
+}
+
+/// The pieces file beside a data file: values of chunks not recorded (evicted in an earlier run
+/// before their blocks could go, or written before a crash) are released, one punch per run.
+fn release_unrecorded_pieces(path: &Path, g: &Geometry, present: &[u64]) {
+    if crate::chunk::pieces_in(g, 0).is_none() {
+        return;
+    }
+    let Ok(f) = OpenOptions::new().write(true).open(path) else { return };
+    let Ok(m) = f.metadata() else { return };
+    // The blocks that the present chunks' values lie in (`present` is sorted).
+    let block = m.blksize().max(1);
+    let (mut blocks, mut last) = (0u64, None);
+    for &i in present {
+        let (a, b) = (layout::pieces_offset(g.chunk_log2, i) / block, (layout::pieces_offset(g.chunk_log2, i + 1) - 1) / block);
+        let from = last.map_or(a, |l: u64| a.max(l + 1));
+        blocks += (b + 1).saturating_sub(from);
+        last = Some(b);
+    }
+    if m.blocks() * 512 <= blocks * block + FS_OWN_BLOCKS {
+        return;
+    }
+    punch_runs(&f, present, g.n_chunks(), |i| layout::pieces_offset(g.chunk_log2, i));
+}
+
+/// Punch out, in `f`, each run of chunks between the sorted `present` ones (and after the last,
+/// to the end), where chunk `i` starts at `offset(i)`.
+fn punch_runs(f: &File, present: &[u64], n_chunks: u64, offset: impl Fn(u64) -> u64) {
     let mut start = 0;
-    for p in present.into_iter().chain(std::iter::once(g.n_chunks())) {
+    for p in present.iter().copied().chain(std::iter::once(n_chunks)) {
         if p > start {
-            let _ = disk::punch_hole(&f, g.chunk_offset(start), g.chunk_offset(p) - g.chunk_offset(start));
+            let _ = disk::punch_hole(f, offset(start), offset(p) - offset(start));
         }
         start = p + 1;
     }

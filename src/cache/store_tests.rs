@@ -3,6 +3,8 @@ use crate::chunk::chunk_cv;
 use crate::error::Error;
 
 const LOG2: u8 = 16;
+/// Room a whole chunk takes in the cache: 64 KiB of data and its four piece values.
+const COST: u64 = 65536 + 4 * 32;
 
 struct TestFile {
     geom: Geometry,
@@ -182,7 +184,7 @@ fn walk(p: &Path) -> Vec<PathBuf> {
 #[test]
 fn pinned_files_are_not_evicted() {
     let d = tempfile::tempdir().unwrap();
-    let s = Store::open(&cfg(d.path(), 2 * 65536, false)).unwrap();
+    let s = Store::open(&cfg(d.path(), 2 * COST, false)).unwrap();
     let a = TestFile::new(2 * 65536, 20);
     let b = TestFile::new(2 * 65536, 21);
     a.fill(&s);
@@ -353,6 +355,62 @@ fn piece_values_are_stored_beside_the_data_and_survive_a_reopen() {
     assert!(s.stored_pieces(&f.root, &f.geom, 1).is_some());
 }
 
+/// Bytes the pieces file of `f` holds on disk.
+fn pieces_allocated(d: &Path, f: &TestFile) -> u64 {
+    std::fs::metadata(layout::pieces_path(d, &f.root)).map_or(0, |m| m.blocks() * 512)
+}
+
+/// A file streamed through a cache much smaller than it keeps the piece values of the chunks the
+/// cache holds, not of every chunk it ever held; and a pieces file left holding values of
+/// chunks no longer recorded (a smaller cache_size at the next start) is trimmed at start.
+#[test]
+fn piece_values_of_evicted_chunks_are_released() {
+    let d = tempfile::tempdir().unwrap();
+    // 1,024 chunks of 64 KiB: 128 bytes of values each, 128 KiB in all.
+    let f = TestFile::new(64 << 20, 9);
+    {
+        let s = Store::open(&cfg(d.path(), 4 << 20, false)).unwrap();
+        f.fill(&s);
+        let held = s.shared.index.lock().unwrap().chunks() as u64;
+        assert!(held <= 64, "{held} chunks held in a 4 MiB cache");
+        let got = pieces_allocated(d.path(), &f);
+        let want = value_blocks(&s, &f);
+        assert!(got <= want + 8192, "{got} bytes of piece values kept for {held} chunks, whose values lie in {want}");
+        assert_values_of_held_chunks_intact(d.path(), &s, &f);
+    }
+    let g = TestFile::new(64 << 20, 10);
+    {
+        let s = Store::open(&cfg(d.path(), 256 << 20, false)).unwrap();
+        g.fill(&s);
+    }
+    assert!(pieces_allocated(d.path(), &g) >= 128 << 10);
+    let s = Store::open(&cfg(d.path(), 4 << 20, false)).unwrap();
+    let got = pieces_allocated(d.path(), &g);
+    let want = value_blocks(&s, &g);
+    assert!(got <= want + 8192, "{got} bytes of piece values kept after the start trimmed the cache, {want} in use");
+    assert_values_of_held_chunks_intact(d.path(), &s, &g);
+}
+
+/// Bytes of the 4 KiB blocks the values of `f`'s held chunks lie in.
+fn value_blocks(s: &Store, f: &TestFile) -> u64 {
+    let blocks: HashSet<u64> = (0..f.geom.n_chunks()).filter(|&i| s.contains(&f.root, i)).map(|i| layout::pieces_offset(LOG2, i) / 4096).collect();
+    blocks.len() as u64 * 4096
+}
+
+fn assert_values_of_held_chunks_intact(d: &Path, s: &Store, f: &TestFile) {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(layout::pieces_path(d, &f.root)).unwrap();
+    let mut held = 0;
+    for i in (0..f.geom.n_chunks()).filter(|&i| s.contains(&f.root, i)) {
+        let want = f.chunk(i).pieces().unwrap().to_bytes();
+        let mut got = vec![0; want.len()];
+        file.read_exact_at(&mut got, layout::pieces_offset(LOG2, i)).unwrap();
+        assert_eq!(got, want, "values of chunk {i}, still held");
+        held += 1;
+    }
+    assert!(held >= 32, "{held} chunks held");
+}
+
 /// Bytes the data file of `f` holds on disk.
 fn allocated(d: &Path, f: &TestFile) -> u64 {
     std::fs::metadata(data_path(d, &f.root)).unwrap().blocks() * 512
@@ -507,7 +565,7 @@ fn unrecorded_runs_around_recorded_chunks_are_released_at_start() {
     }
     std::fs::write(d.path().join("journal"), j).unwrap();
     let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
-    assert_eq!(s.usage().1, 3 * 65536);
+    assert_eq!(s.usage().1, 3 * COST);
     assert_allocated(d.path(), &f, 3 * 65536);
     for i in 0..f.geom.n_chunks() {
         let want = [10, 11, 30].contains(&i).then(|| f.slice(i).to_vec());

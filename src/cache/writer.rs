@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use super::index::{ChunkRec, Evicted, FileMeta};
-use super::layout::{hex, pieces_offset, pieces_path, Record, Root};
+use super::layout::{self, hex, pieces_offset, pieces_path, Record, Root};
 use super::prealloc::{Groups, Plan};
 use super::store::{disk_span, round_up, Shared};
 use super::Stats;
@@ -69,6 +69,9 @@ struct Writer {
     /// The piece-value file written last, kept open: chunks of one file arrive in a row, and
     /// opening it per chunk was 15 % of this thread's time in a cold read.
     pcv: Option<(Root, File)>,
+    /// The piece-value file released from last, and its block size: evictions take a file's
+    /// chunks in a row as well.
+    pcv_released: Option<(Root, File, u64)>,
     /// Files filled in order, whose blocks are allocated a group at a time.
     groups: Groups,
     /// When the room on the filesystem was last checked (or the limit cut).
@@ -102,6 +105,7 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
         inflight: 0,
         flushes: Vec::new(),
         pcv: None,
+        pcv_released: None,
         groups: Groups::default(),
         regrow_checked: Instant::now(),
         journal_len: journal.metadata().ok().map(|m| m.len()),
@@ -356,7 +360,30 @@ impl Writer {
             let _ = disk::punch_hole(&*f, g.chunk_offset(e.idx), disk_span(&g, e.idx, self.sh.align));
         }
         self.groups.punched(&e.root, &g, e.idx);
+        self.release_pieces(&e.root, &g, e.idx);
         self.pending.extend_from_slice(&Record::Absent { root: e.root, idx: e.idx }.encode());
+    }
+
+    /// Free a released chunk's piece values, and the blocks of the pieces file that no chunk
+    /// held any more has values in (`layout::pieces_release`): without it a file streamed
+    /// through the cache kept 0.2 % of its size in values of chunks long gone.
+    fn release_pieces(&mut self, root: &Root, g: &Geometry, idx: u64) {
+        use std::os::unix::fs::MetadataExt;
+        if crate::chunk::pieces_in(g, idx).is_none() {
+            return;
+        }
+        if self.pcv_released.as_ref().is_none_or(|(r, _, _)| r != root) {
+            self.pcv_released = None;
+            let Ok(f) = std::fs::OpenOptions::new().write(true).open(pieces_path(&self.sh.dir, root)) else { return };
+            let block = f.metadata().map_or(4096, |m| m.blksize());
+            self.pcv_released = Some((*root, f, block));
+        }
+        let Some((_, f, block)) = &self.pcv_released else { return };
+        let span = {
+            let ix = self.sh.index.lock().unwrap();
+            layout::pieces_release(g.chunk_log2, g.n_chunks(), idx, *block, |j| ix.holds(root, j))
+        };
+        let _ = disk::punch_hole(f, span.start, span.end - span.start);
     }
 
     /// Store a chunk's piece values beside its data (best effort: without them a small read
@@ -391,6 +418,9 @@ impl Writer {
         self.sh.forget_fd(root);
         if self.pcv.as_ref().is_some_and(|(r, _)| r == root) {
             self.pcv = None;
+        }
+        if self.pcv_released.as_ref().is_some_and(|(r, _, _)| r == root) {
+            self.pcv_released = None;
         }
         super::store::remove_version(&self.sh.dir, root);
         self.pending.extend_from_slice(&Record::FileGone { root: *root }.encode());
