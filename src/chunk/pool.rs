@@ -313,9 +313,11 @@ mod tests {
         assert_eq!(b.len(), (256 << 10) - 1);
         assert_eq!(b.as_ptr(), p, "the same buffer came back");
         give(b);
-        // A much smaller request does not take it.
+        // A much smaller request does not take it. (Checked by capacity, not address: the pool
+        // is shared with the tests running beside this one, and one that took the buffer and
+        // freed it lets the allocator hand its address to this request.)
         let c = take_vec(100 << 10);
-        assert_ne!(c.as_ptr(), p);
+        assert!(c.capacity() < 256 << 10, "a 100 KiB request took a {} byte buffer", c.capacity());
         // Small buffers are not kept; the pool never holds more than its bound.
         give(vec![0; 100]);
         for _ in 0..(MAX_POOLED_BYTES / (1 << 20)) + 8 {
