@@ -26,6 +26,17 @@ pub struct UdpIo {
     sock: UdpSocket,
     state: UdpSocketState,
     mtus: Mutex<HashMap<IpAddr, (usize, Instant)>>,
+    /// Bound to a wildcard address: replies leave from the address the peer sent to.
+    wildcard: bool,
+    /// The local address each peer's last authentic datagram was sent to (bounded).
+    reply_from: Mutex<HashMap<SocketAddr, IpAddr>>,
+}
+
+thread_local! {
+    /// The datagram this thread is handing to `recv_now`'s callback: its sender and the local
+    /// address it was sent to. A reply sent from inside the callback (a handshake's answer to a
+    /// HELLO, which is not authentic and so teaches nothing) leaves from that address.
+    static RECEIVING: std::cell::Cell<Option<(SocketAddr, IpAddr)>> = const { std::cell::Cell::new(None) };
 }
 
 impl UdpIo {
@@ -34,7 +45,24 @@ impl UdpIo {
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         let _ = net::set_recv_buffer(sock.as_fd(), SOCKET_BUFFER);
         let _ = net::set_send_buffer(sock.as_fd(), SOCKET_BUFFER);
-        Ok(UdpIo { sock, state, mtus: Mutex::new(HashMap::new()) })
+        let wildcard = sock.local_addr()?.ip().is_unspecified();
+        Ok(UdpIo { sock, state, mtus: Mutex::new(HashMap::new()), wildcard, reply_from: Mutex::new(HashMap::new()) })
+    }
+
+    /// The source address for a datagram to `dest`, on a socket bound to a wildcard address:
+    /// the local address `dest` last sent to. Left to the kernel, the source follows the route
+    /// back, and a peer that had sent to another address of this machine (a second address on
+    /// an interface, a VIP, 127.0.0.2) drops the reply as coming from a stranger.
+    pub(super) fn source_for(&self, dest: SocketAddr) -> Option<IpAddr> {
+        if !self.wildcard {
+            return None;
+        }
+        if let Some((from, to)) = RECEIVING.get() {
+            if from == dest {
+                return Some(to);
+            }
+        }
+        self.reply_from.lock().unwrap().get(&dest).copied()
     }
 
     pub fn socket(&self) -> &UdpSocket {
@@ -42,7 +70,8 @@ impl UdpIo {
     }
 
     /// Waits (bounded) when the socket buffer is full rather than dropping.
-    fn send_burst_impl(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
+    /// [`DatagramIo::send_burst`] from the local address `src_ip` (None: the kernel's choice).
+    pub(super) fn send_burst_from(&self, dest: SocketAddr, buf: &[u8], seg: usize, src_ip: Option<IpAddr>) -> io::Result<()> {
         let max_segs = self.state.max_gso_segments().max(1).min(65000 / seg.max(1)).max(1);
         for part in buf.chunks(seg * max_segs) {
             let t = Transmit {
@@ -50,7 +79,7 @@ impl UdpIo {
                 ecn: None,
                 contents: part,
                 segment_size: (part.len() > seg).then_some(seg),
-                src_ip: None,
+                src_ip,
             };
             let give_up = Instant::now() + Duration::from_secs(2);
             loop {
@@ -84,8 +113,17 @@ impl UdpIo {
                 let m = &bufs.meta[i];
                 let data = &mut bufs.bufs[i][..m.len];
                 let stride = m.stride.max(1);
+                let to = m.dst_ip.filter(|_| self.wildcard);
                 for d in data.chunks_mut(stride) {
-                    f(m.addr, d);
+                    let authentic = match to {
+                        Some(to) => receiving(m.addr, to, || f(m.addr, d)),
+                        None => f(m.addr, d),
+                    };
+                    // Learned only from authentic datagrams: a forged one must not turn the
+                    // replies of a real peer to an address it does not listen to.
+                    if let (true, Some(to)) = (authentic, to) {
+                        self.learn_source(m.addr, to);
+                    }
                     total += 1;
                 }
             }
@@ -94,6 +132,28 @@ impl UdpIo {
             }
         }
         Ok(total)
+    }
+}
+
+/// Run `f` as the handling of a datagram from `from` to the local address `to`: what it sends
+/// back to `from` leaves from `to` (see `RECEIVING`).
+pub(super) fn receiving<R>(from: SocketAddr, to: IpAddr, f: impl FnOnce() -> R) -> R {
+    let outer = RECEIVING.replace(Some((from, to)));
+    let r = f();
+    RECEIVING.set(outer);
+    r
+}
+
+impl UdpIo {
+    /// Replies to `peer` leave from `to` (an authentic datagram from it was sent there).
+    pub(super) fn learn_source(&self, peer: SocketAddr, to: IpAddr) {
+        if !self.wildcard {
+            return;
+        }
+        let mut m = self.reply_from.lock().unwrap();
+        if m.get(&peer) != Some(&to) {
+            super::bounded_insert(&mut m, peer, to);
+        }
     }
 }
 
@@ -113,7 +173,7 @@ impl Default for RecvBufs {
 
 impl DatagramIo for UdpIo {
     fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
-        self.send_burst_impl(dest, buf, seg)
+        self.send_burst_from(dest, buf, seg, self.source_for(dest))
     }
     fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         net::poll_readable(self.sock.as_fd(), timeout)
@@ -154,6 +214,62 @@ impl DatagramIo for UdpIo {
 mod tests {
     use super::*;
     use crate::proto::wire::MAX_DATAGRAM;
+    use std::net::Ipv4Addr;
+
+    /// What `client` receives within a second, and from where.
+    fn reply(client: &UdpSocket) -> Option<(Vec<u8>, SocketAddr)> {
+        client.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut b = [0u8; 64];
+        client.recv_from(&mut b).ok().map(|(n, from)| (b[..n].to_vec(), from))
+    }
+
+    /// Hand what `io` has to a callback that answers from inside it (as the handshake does)
+    /// and calls it authentic when it starts with `a`.
+    fn serve_once(io: &UdpIo) {
+        assert!(io.wait_readable(Duration::from_secs(1)).unwrap());
+        let mut bufs = RecvBufs::default();
+        io.recv_now(&mut bufs, &mut |from, d| {
+            io.send_burst(from, b"hello", 5).unwrap();
+            d.first() == Some(&b'a')
+        })
+        .unwrap();
+    }
+
+    /// A server bound to a wildcard address answers from the address the peer sent to, also
+    /// for a reply sent from inside the receive callback (the handshake's), and later replies
+    /// (sent by other threads) from the address its last authentic datagram went to; a
+    /// datagram not found authentic changes nothing. Every 127.0.0.0/8 address is this
+    /// machine's: left to the kernel, the source of a reply to 127.0.0.1 is 127.0.0.1.
+    #[test]
+    fn a_wildcard_server_answers_from_the_address_it_was_sent_to() {
+        for bind in ["0.0.0.0:0", "[::]:0"] {
+            let io = UdpIo::new(UdpSocket::bind(bind).unwrap()).unwrap();
+            let port = io.socket().local_addr().unwrap().port();
+            let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let at = |ip: &str| SocketAddr::new(ip.parse().unwrap(), port);
+            client.send_to(b"a", at("127.0.0.2")).unwrap();
+            serve_once(&io);
+            let (d, from) = reply(&client).expect("the handshake's reply");
+            assert_eq!((d.as_slice(), from), (&b"hello"[..], at("127.0.0.2")), "bound to {bind}");
+            // A forged datagram to another address changes nothing for later replies...
+            client.send_to(b"x", at("127.0.0.3")).unwrap();
+            serve_once(&io);
+            assert_eq!(reply(&client).unwrap().1, at("127.0.0.3"), "the in-callback reply goes back the way it came");
+            let peer = if bind.starts_with('[') {
+                SocketAddr::new(IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()), client.local_addr().unwrap().port())
+            } else {
+                client.local_addr().unwrap()
+            };
+            io.send_burst(peer, b"data", 4).unwrap();
+            assert_eq!(reply(&client).unwrap().1, at("127.0.0.2"), "bound to {bind}: replies follow the last authentic datagram");
+            // ...an authentic one does.
+            client.send_to(b"a", at("127.0.0.4")).unwrap();
+            serve_once(&io);
+            reply(&client).unwrap();
+            io.send_burst(peer, b"data", 4).unwrap();
+            assert_eq!(reply(&client).unwrap().1, at("127.0.0.4"), "bound to {bind}");
+        }
+    }
 
     #[test]
     fn max_datagram_to_asks_the_route_and_remembers_it() {
