@@ -7,8 +7,9 @@
 # byte-identical (cmp and b3sum); while wraith runs on AF_XDP, a TCP connection over the same
 # veth works (the XDP filter passes everything that is not wraith's), and so does UDP to the same
 # port on another address of the interface; a server on the default listen address serves IPv4
-# and IPv6 clients; a datagram that reaches the server in IP fragments (which the filter leaves
-# to the kernel) is answered; after each process
+# and IPv6 clients, and through its kernel socket clients of another address of the interface;
+# a datagram that reaches the server in IP fragments (which the filter leaves to the kernel) is
+# answered; after each process
 # exits (umount, SIGTERM, kill -9) no XDP program is left on the interface; a stale wraith
 # program attached without an owner is replaced; generic (skb) mode works; transport=auto
 # falls back to UDP and transport=xdp fails, each with one line, when AF_XDP cannot start (no
@@ -390,6 +391,22 @@ for _ in range(10):
     sys.exit(0)
 sys.exit("no answer")
 PY
+    # Another address of the interface, which AF_XDP does not serve: the filter leaves it to the
+    # kernel, and the kernel path answers from that address (left to the kernel's route, the
+    # answers came from $S_ADDR, and the client dropped them as a stranger's).
+    other=10.77.1.9
+    if ip -n "$NS_A" addr add "$other/24" dev "$S_IF"; then
+        for cmode in udp xdp; do
+            name="default listen, $cmode client to a second address of the interface"
+            if mount_ok "$name" "$NS_B" "$other:$PORT:/tree" "$WORK/cli/default" "keyfile=$KEY,transport=$cmode,iface=$C_IF,timeout=10"; then
+                check "$name: read byte-identical" timeout 60 cmp "$SRC/small/f4" "$WORK/cli/default/small/f4"
+                umount_ok "$name" "$WORK/cli/default"
+            fi
+        done
+        ip -n "$NS_A" addr del "$other/24" dev "$S_IF"
+    else
+        not_ok "default listen: add $other to $S_IF" "ip addr add failed"
+    fi
 else
     not_ok "default listen: AF_XDP serves $S_ADDR and $S_ADDR6" "$(last_line "$WORK/logs/serve-default.log")"
 fi

@@ -10,7 +10,9 @@
 //! directly or whose Ethernet address is not known yet (the kernel routes and resolves them).
 //!
 //! One path may serve both IP families (an unspecified IPv6 bind address: the interface's first
-//! IPv4 and first global IPv6 address), like a dual-stack UDP socket.
+//! IPv4 and first global IPv6 address), like a dual-stack UDP socket. With an unspecified bind
+//! address the kernel path holds the wildcard and serves the machine's other addresses, each
+//! answered from the address it was sent to.
 
 pub mod blast;
 pub mod neigh;
@@ -27,7 +29,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::packet::{self, Endpoints, Mac};
-use super::{bounded_insert, DatagramIo, RecvBufs};
+use super::{bounded_insert, udp, DatagramIo, RecvBufs, UdpIo};
 use crate::proto::wire::{MAX_DATAGRAM, MIN_DATAGRAM};
 use crate::sys::netdev::{self, NetDev};
 use crate::sys::xdp_prog::{AttachError, Filter, XdpProgram, MAX_QUEUES};
@@ -50,8 +52,6 @@ const SEND_WAIT: Duration = Duration::from_secs(2);
 const OWNER_WAIT: Duration = Duration::from_secs(5);
 /// How long a neighbour-table answer is trusted.
 const NEIGH_TTL: Duration = Duration::from_secs(30);
-/// Datagrams taken from the kernel path per receive call.
-const KERNEL_BATCH: usize = 64;
 
 /// What to open.
 #[derive(Clone, Debug, Default)]
@@ -144,8 +144,11 @@ pub struct XdpIo {
     next_tx: AtomicUsize,
     neigh: Mutex<Neighbours>,
     stats: XdpStats,
-    /// The kernel path (see the module documentation); non-blocking.
-    reserve: UdpSocket,
+    /// The kernel path (see the module documentation); non-blocking. On a wildcard bind
+    /// address it also serves the machine's other addresses, answering from the one sent to.
+    reserve: UdpIo,
+    /// The kernel path is a dual-stack socket: IPv4 peers are v4-mapped IPv6 addresses to it.
+    reserve_v6: bool,
     /// A wait saw the kernel path readable: the next receive reads it (it is rarely used, so
     /// it is not read on every call).
     kernel_ready: AtomicBool,
@@ -206,16 +209,22 @@ impl XdpIo {
             )));
         }
         let (v4, v6) = local_addresses(iface, &dev, bind.ip())?;
-        // The kernel path holds the port for every address served (a dual-stack socket when both
-        // families are), and is bound to the one address when only one is served: what it sends
-        // leaves from the address the AF_XDP socket answers on.
-        let reserve_at: SocketAddr = match (v4, v6) {
-            (Some(a), None) => (a, bind.port()).into(),
-            (None, Some(a)) => (a, bind.port()).into(),
-            _ => (Ipv6Addr::UNSPECIFIED, bind.port()).into(),
+        // The kernel path holds the port: on the one address asked for, or, for a wildcard bind
+        // address, on the wildcard (dual-stack for `::`), as a UDP server would. Then datagrams
+        // to the machine's other addresses (which the filter leaves to the kernel) are served
+        // through it, answered from the address they were sent to; what it sends for the
+        // AF_XDP path's own peers leaves from the address served.
+        let reserve_at: SocketAddr = match (bind.ip().is_unspecified(), v4, v6) {
+            (true, ..) => bind,
+            (false, Some(a), None) => (a, bind.port()).into(),
+            (false, None, Some(a)) => (a, bind.port()).into(),
+            (false, ..) => (Ipv6Addr::UNSPECIFIED, bind.port()).into(),
         };
-        let reserve = reserve_socket(reserve_at).map_err(|e| err(format!("cannot bind UDP {reserve_at}: {e}")))?;
-        let port = reserve.local_addr().map_err(|e| err(e.to_string()))?.port();
+        let reserve = reserve_socket(reserve_at)
+            .and_then(UdpIo::new)
+            .map_err(|e| err(format!("cannot bind UDP {reserve_at}: {e}")))?;
+        let port = reserve.socket().local_addr().map_err(|e| err(e.to_string()))?.port();
+        let reserve_v6 = reserve_at.is_ipv6();
         // A wraith process that is exiting (say, the mount just unmounted) still holds the
         // program for a moment: wait for it, bounded, before calling the interface taken.
         let deadline = Instant::now() + OWNER_WAIT;
@@ -279,7 +288,7 @@ impl XdpIo {
         if queues.is_empty() {
             return Err(err("no queue to bind".into()));
         }
-        poll_fds.push(reserve.try_clone().map_err(|e| err(format!("dup: {e}")))?.into());
+        poll_fds.push(reserve.socket().try_clone().map_err(|e| err(format!("dup: {e}")))?.into());
         Ok(XdpIo {
             queues,
             poll_fds,
@@ -292,6 +301,7 @@ impl XdpIo {
             neigh: Mutex::new(Neighbours::default()),
             stats: XdpStats::default(),
             reserve,
+            reserve_v6,
             kernel_ready: AtomicBool::new(false),
             prog,
         })
@@ -451,13 +461,20 @@ impl XdpIo {
     }
 
     fn send_impl(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
+        let seg = seg.max(1);
+        // A peer that sent to another address of this machine is answered through the kernel,
+        // from that address.
+        if let Some(ip) = self.reserve.source_for(self.kernel_addr(dest)) {
+            if !self.is_local(ip.to_canonical()) {
+                return self.send_through_kernel(dest, buf, seg, ip);
+            }
+        }
         let Some(src) = self.source_for(dest) else {
             return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{dest} is of an IP version this AF_XDP path does not serve")));
         };
-        let seg = seg.max(1);
         let dst_mac = match self.hop_for(dest) {
             Hop::Link(m) => m,
-            Hop::Kernel => return self.send_through_kernel(dest, buf, seg),
+            Hop::Kernel => return self.send_through_kernel(dest, buf, seg, src.ip()),
         };
         let ep = Endpoints { src_mac: self.dev.mac, dst_mac, src, dst: dest };
         let hl = packet::header_len(dest.is_ipv6());
@@ -525,25 +542,21 @@ impl XdpIo {
         Ok(())
     }
 
-    /// Send through the kernel path (it routes and resolves the next hop itself).
-    fn send_through_kernel(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
-        // A dual-stack socket takes IPv4 destinations as mapped IPv6 addresses.
-        let to = match (dest, self.reserve.local_addr()?) {
-            (SocketAddr::V4(d), SocketAddr::V6(_)) => SocketAddr::new(d.ip().to_ipv6_mapped().into(), d.port()),
-            _ => dest,
-        };
-        for d in buf.chunks(seg) {
-            match self.reserve.send_to(d, to) {
-                Ok(_) => {}
-                // The socket's buffer is full: let it drain once, then give up on this one
-                // (the protocol resends what is lost).
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1));
-                    let _ = self.reserve.send_to(d, to);
-                }
-                Err(e) => return Err(e),
-            }
+    /// `addr` as the kernel path's socket names it: v4-mapped on a dual-stack socket.
+    fn kernel_addr(&self, addr: SocketAddr) -> SocketAddr {
+        match addr {
+            SocketAddr::V4(a) if self.reserve_v6 => SocketAddr::new(a.ip().to_ipv6_mapped().into(), a.port()),
+            a => a,
         }
+    }
+
+    /// Send through the kernel path (it routes and resolves the next hop itself), from `src`.
+    fn send_through_kernel(&self, dest: SocketAddr, buf: &[u8], seg: usize, src: IpAddr) -> io::Result<()> {
+        let src = match src {
+            IpAddr::V4(a) if self.reserve_v6 => IpAddr::V6(a.to_ipv6_mapped()),
+            a => a,
+        };
+        self.reserve.send_burst_from(self.kernel_addr(dest), buf, seg, Some(src))?;
         self.stats.tx_kernel.fetch_add(buf.len().div_ceil(seg) as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -552,7 +565,7 @@ impl XdpIo {
     /// datagram's MAC, the costly part) without it, so that every receiving thread works on its
     /// own batch at once; then they go back to the fill ring. The sender's Ethernet address is
     /// learned from frames `f` found authentic. Then what the kernel path holds.
-    fn recv_impl(&self, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
+    fn recv_impl(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         let mut total = 0;
         let mut ignored = 0u64;
         let mut last_src: Option<(IpAddr, Mac)> = None;
@@ -563,19 +576,25 @@ impl XdpIo {
             for _ in 0..16 {
                 let got = taken.take(RX_BATCH);
                 for fr in taken.frames.iter_mut() {
-                    let (src, src_mac, at) = match packet::parse(q.view.data(fr)) {
+                    let (src, dst, src_mac, at) = match packet::parse(q.view.data(fr)) {
                         Ok(d) if d.dst.port() == self.port && self.is_local(d.dst.ip()) => {
                             let start = d.payload.as_ptr() as usize - q.view.data(fr).as_ptr() as usize;
-                            (d.src, d.src_mac, start..start + d.payload.len())
+                            (d.src, d.dst.ip(), d.src_mac, start..start + d.payload.len())
                         }
                         _ => {
                             ignored += 1;
                             continue;
                         }
                     };
-                    // Decrypted where it lies, in the frame this thread holds.
-                    if f(src, &mut q.view.data_mut(fr)[at]) && last_src != Some((src.ip(), src_mac)) {
+                    // Decrypted where it lies, in the frame this thread holds. A reply sent
+                    // from inside `f` (a handshake's) leaves from the address served.
+                    let (ksrc, kdst) = (self.kernel_addr(src), self.kernel_addr(SocketAddr::new(dst, 0)).ip());
+                    let data = &mut q.view.data_mut(fr)[at];
+                    if udp::receiving(ksrc, kdst, || f(src, data)) && last_src != Some((src.ip(), src_mac)) {
                         self.learn(src.ip(), src_mac);
+                        // Replies go back over AF_XDP, also if this peer had sent to another
+                        // address of the machine before.
+                        self.reserve.learn_source(ksrc, kdst);
                         last_src = Some((src.ip(), src_mac));
                     }
                 }
@@ -588,7 +607,7 @@ impl XdpIo {
             frames = taken.into_vec();
         }
         TAKEN.with(|t| *t.borrow_mut() = frames);
-        let kernel = if self.kernel_ready.swap(false, Ordering::Relaxed) { self.recv_kernel(f)? } else { 0 };
+        let kernel = if self.kernel_ready.swap(false, Ordering::Relaxed) { self.recv_kernel(bufs, f)? } else { 0 };
         self.stats.rx_frames.fetch_add(total as u64, Ordering::Relaxed);
         if ignored > 0 {
             self.stats.rx_ignored.fetch_add(ignored, Ordering::Relaxed);
@@ -597,40 +616,26 @@ impl XdpIo {
     }
 
     /// Datagrams the filter left to the kernel (fragments, IPv6 extension headers, queues
-    /// without an AF_XDP socket), read from the kernel path.
-    fn recv_kernel(&self, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
-        KERNEL_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            if b.is_empty() {
-                b.resize(MAX_DATAGRAM.max(65536), 0);
-            }
-            let mut n = 0;
-            while n < KERNEL_BATCH {
-                match self.reserve.recv_from(&mut b[..]) {
-                    Ok((len, from)) => {
-                        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-                        f(from, &mut b[..len]);
-                        n += 1;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    // An ICMP error queued on the socket (port unreachable from an earlier send).
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            if n > 0 {
-                self.stats.rx_kernel.fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Ok(n)
-        })
+    /// without an AF_XDP socket, other addresses of the machine on a wildcard bind), read from
+    /// the kernel path.
+    fn recv_kernel(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
+        let r = self.reserve.recv_now(bufs, &mut |from, d| f(SocketAddr::new(from.ip().to_canonical(), from.port()), d));
+        let n = match r {
+            Ok(n) => n,
+            // An ICMP error queued on the socket (port unreachable from an earlier send).
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => 0,
+            Err(e) => return Err(e),
+        };
+        if n > 0 {
+            self.stats.rx_kernel.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n)
     }
 }
 
 thread_local! {
     /// Each receiving thread's batch of frames taken out of an rx ring (kept to reuse its memory).
     static TAKEN: std::cell::RefCell<Vec<Frame>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Each receiving thread's buffer for the kernel path.
-    static KERNEL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The queues (of `n`) receiving thread `lane` of `lanes` sleeps on: every `lanes`-th from its
@@ -700,9 +705,10 @@ impl DatagramIo for XdpIo {
     fn wait_readable_lane(&self, lane: usize, lanes: usize, timeout: Duration) -> io::Result<bool> {
         self.wait_on(&lane_queues(lane, lanes, self.queues.len()), timeout)
     }
-    /// `_bufs` is unused: frames are received in the UMEM and handed to `f` from there.
-    fn recv_now(&self, _bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
-        self.recv_impl(f)
+    /// Frames are received in the UMEM and handed to `f` from there; `bufs` are for the
+    /// kernel path.
+    fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
+        self.recv_impl(bufs, f)
     }
     fn describe_stats(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
