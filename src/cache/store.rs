@@ -62,6 +62,9 @@ pub(super) struct Shared {
     /// `cache_size`: the limit, unless a full filesystem cut it (see the writer's `regrow`).
     pub size: u64,
     read_error_warned: AtomicBool,
+    /// Tests: the next journal append writes half its bytes, then fails (as `ENOSPC` part-way).
+    #[cfg(test)]
+    pub tear_next_append: AtomicBool,
 }
 
 pub struct Store {
@@ -157,6 +160,8 @@ impl Store {
             enospc_warned: AtomicBool::new(false),
             size: cfg.size,
             read_error_warned: AtomicBool::new(false),
+            #[cfg(test)]
+            tear_next_append: AtomicBool::new(false),
         });
         let s2 = shared.clone();
         let writer = std::thread::Builder::new()

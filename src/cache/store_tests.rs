@@ -547,6 +547,29 @@ fn a_damaged_chunk_of_a_pinned_file_is_forgotten_but_not_punched() {
     assert_eq!(allocated(d.path(), &f), 3 * 65536);
 }
 
+/// An append that fails part-way (a full disk) is cut back to the last whole record: replay
+/// stops at a torn record, and would lose every record appended after it.
+#[test]
+fn a_torn_journal_append_does_not_hide_later_records() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, c) = (TestFile::new(3 * 65536, 40), TestFile::new(3 * 65536, 41), TestFile::new(3 * 65536, 42));
+    {
+        let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+        a.fill(&s);
+        s.shared.tear_next_append.store(true, Ordering::SeqCst);
+        b.fill(&s);
+        assert!(!s.shared.tear_next_append.load(Ordering::SeqCst), "the append was torn");
+        c.fill(&s);
+    }
+    let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+    assert_eq!(f_load_all(&a, &s), 3, "recorded before the torn append");
+    assert_eq!(f_load_all(&c, &s), 3, "recorded after the torn append");
+    // What of b was recorded in other appends reads right; the rest is a miss.
+    let kept = (0..3).filter(|&i| s.contains(&b.root, i)).count();
+    assert!(kept < 3, "the torn append lost none of b's records");
+    assert_eq!(f_load_all(&b, &s), kept);
+}
+
 /// Start-up releases every unrecorded run of chunks around the recorded ones (one punch per
 /// run), and the recorded chunks keep their bytes.
 #[test]

@@ -453,7 +453,7 @@ impl Writer {
         if self.pending.is_empty() {
             return;
         }
-        match self.journal.write_all(&self.pending) {
+        match self.append(&self.pending) {
             Ok(()) => self.journal_len = self.journal_len.map(|n| n + self.pending.len() as u64),
             Err(e) => {
                 // Records lost here only make the cache forget chunks (start-up reconciles the
@@ -474,6 +474,15 @@ impl Writer {
         if self.appended > 2 * live + 65536 {
             self.compact();
         }
+    }
+
+    fn append(&self, records: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if self.sh.tear_next_append.swap(false, Ordering::SeqCst) {
+            (&self.journal).write_all(&records[..records.len() / 2])?;
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        (&self.journal).write_all(records)
     }
 
     fn compact(&mut self) {
