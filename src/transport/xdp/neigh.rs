@@ -62,9 +62,15 @@ fn hex_v6(h: &str) -> Option<Ipv6Addr> {
 /// `if_inet6` flags of addresses not to use: DAD failed, deprecated, tentative.
 const IFA_UNUSABLE: u32 = 0x08 | 0x20 | 0x40;
 
-/// Parse `/proc/net/if_inet6`: (address, prefix length, scope, interface) of usable addresses.
+/// `if_inet6` flag of a temporary (privacy) address: it changes every day or so.
+const IFA_TEMPORARY: u32 = 0x01;
+
+/// Parse `/proc/net/if_inet6`: (address, prefix length, scope, interface) of usable addresses,
+/// temporary ones after the others (a server answers on the first; a temporary address would
+/// move away under its clients).
 pub fn parse_if_inet6(text: &str) -> Vec<(Ipv6Addr, u8, u8, String)> {
     let mut out = Vec::new();
+    let mut temporary = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.len() < 6 {
@@ -78,8 +84,10 @@ pub fn parse_if_inet6(text: &str) -> Vec<(Ipv6Addr, u8, u8, String)> {
         if flags & IFA_UNUSABLE != 0 {
             continue;
         }
-        out.push((a, plen, scope, f[5].to_string()));
+        let to = if flags & IFA_TEMPORARY != 0 { &mut temporary } else { &mut out };
+        to.push((a, plen, scope, f[5].to_string()));
     }
+    out.extend(temporary);
     out
 }
 
@@ -152,6 +160,15 @@ mod tests {
         assert_eq!(a.len(), 2, "tentative and deprecated addresses are skipped");
         assert_eq!(a[0], ("fd00:77:0:1::2".parse().unwrap(), 64, 0, "wx1".to_string()));
         assert_eq!(a[1].2, 0x20, "link-local scope");
+    }
+
+    #[test]
+    fn temporary_addresses_come_after_stable_ones() {
+        let a = parse_if_inet6("20010db8000000001111222233334444 05 40 00 01     wx1
+20010db8000000000000000000000002 05 40 00 80     wx1
+");
+        let addrs: Vec<Ipv6Addr> = a.iter().map(|x| x.0).collect();
+        assert_eq!(addrs, ["2001:db8::2".parse::<Ipv6Addr>().unwrap(), "2001:db8::1111:2222:3333:4444".parse().unwrap()]);
     }
 
     #[test]
