@@ -479,7 +479,10 @@ impl Writer {
     fn append(&self, records: &[u8]) -> io::Result<()> {
         #[cfg(test)]
         if self.sh.tear_next_append.swap(false, Ordering::SeqCst) {
-            (&self.journal).write_all(&records[..records.len() / 2])?;
+            // Always inside a record, whatever the number of records pending.
+            let rl = super::layout::RECORD_LEN;
+            let cut = (records.len() / rl / 2) * rl + rl / 2;
+            (&self.journal).write_all(&records[..cut])?;
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         (&self.journal).write_all(records)
