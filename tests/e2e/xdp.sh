@@ -413,6 +413,34 @@ fi
 stop_pid "$SERVER_PID" 10
 no_xdp_left "default listen: after SIGTERM" "$NS_A" "$S_IF"
 
+# --- replies through another interface with a smaller MTU ---------------------------------------
+# The route back to the client leaves through a second link of MTU 1280, so the AF_XDP server
+# answers through its kernel path, which does not fragment: the size of its datagrams must
+# follow that route, not the AF_XDP interface (1500, which the client sends over and offers).
+# Before, every answer above 1280 bytes was lost and reads ran into the mount's timeout.
+if ip -n "$NS_A" link add wxm0 mtu 1280 type veth peer name wxm1 mtu 1280 netns "$NS_B" &&
+    ip -n "$NS_A" addr add 10.77.3.1/24 dev wxm0 && ip -n "$NS_B" addr add 10.77.3.2/24 dev wxm1 &&
+    ip -n "$NS_A" link set wxm0 up && ip -n "$NS_B" link set wxm1 up &&
+    ip netns exec "$NS_B" sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.wxm1.rp_filter=0 &&
+    ip -n "$NS_A" route add "$C_ADDR/32" via 10.77.3.2 dev wxm0; then
+    if start_server_mode "small-mtu-back" xdp; then
+        name="answers through a 1280-byte link"
+        mnt=$WORK/cli/mtu
+        big=$(find "$SRC/small" -type f -size +100k | head -1)
+        if mount_ok "$name" "$NS_B" "$S_ADDR:$PORT:/tree" "$mnt" "keyfile=$KEY,transport=udp,timeout=10"; then
+            check "$name: cmp of ${big##*/} ($(stat -c %s "$big") bytes)" timeout 60 cmp "$big" "$mnt/small/${big##*/}"
+            umount_ok "$name" "$mnt"
+        fi
+        stop_pid "$SERVER_PID" 10
+        viak=$(grep -o 'tx_through_kernel=[0-9]*' "$WORK/logs/serve-small-mtu-back.log" | tail -1)
+        check "$name: the server answered through the kernel ($viak)" test "${viak#*=}" -gt 50
+    fi
+    ip -n "$NS_A" link del wxm0
+else
+    not_ok "a second link of MTU 1280 between the namespaces" "ip failed"
+    ip -n "$NS_A" link del wxm0 2>/dev/null
+fi
+
 # A TCP connection while the *client* side runs AF_XDP too.
 start_server_mode "both-xdp" xdp || true
 if mount_ok "both xdp, TCP" "$NS_B" "$S_ADDR:$PORT:/tree" "$WORK/cli/tcp" "keyfile=$KEY,transport=xdp"; then

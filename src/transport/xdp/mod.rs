@@ -688,10 +688,12 @@ fn reserve_socket(at: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 impl DatagramIo for XdpIo {
-    /// What one frame on this interface carries (peers reached through the kernel path too:
-    /// their route leaves by this interface or one the kernel fragments for).
-    fn max_datagram_to(&self, _peer: SocketAddr) -> usize {
-        self.max_datagram()
+    /// What one frame on this interface carries, and no more than the kernel's route to `peer`
+    /// allows: the kernel path (for a peer that sent to another address of this machine, a
+    /// next hop not known yet, a route through another interface) sends with "don't fragment",
+    /// and a larger datagram would be lost.
+    fn max_datagram_to(&self, peer: SocketAddr) -> usize {
+        self.max_datagram().min(self.reserve.max_datagram_to(peer))
     }
     fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
         self.send_impl(dest, buf, seg)
