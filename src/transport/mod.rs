@@ -63,6 +63,18 @@ pub fn connected_socket(peer: SocketAddr) -> io::Result<UdpSocket> {
     Ok(sock)
 }
 
+/// `addr` with a v4-mapped IPv6 address (a dual-stack socket's name for an IPv4 peer) as the
+/// IPv4 address it is; any other keeps its scope (a link-local peer needs its interface).
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(std::net::IpAddr::V4(v4), v6.port()),
+            None => SocketAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
 /// Peers a per-peer map remembers at most.
 const MAX_PEERS: usize = 4096;
 
@@ -422,6 +434,21 @@ fn recv_loop(io: Arc<dyn DatagramIo>, shared: Arc<Mutex<Shared>>, peer: SocketAd
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A v4-mapped address becomes IPv4; a link-local IPv6 peer keeps its interface (without
+    /// it, replies to the peer cannot be sent and its datagrams match no session).
+    #[test]
+    fn canonical_maps_v4_mapped_addresses_and_keeps_scopes() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(canonical(a("[::ffff:10.1.2.3]:7447")), a("10.1.2.3:7447"));
+        let ll = a("[fe80::1%3]:7447");
+        assert_eq!(canonical(ll), ll);
+        match canonical(ll) {
+            SocketAddr::V6(v6) => assert_eq!(v6.scope_id(), 3),
+            other => panic!("{other}"),
+        }
+        assert_eq!(canonical(a("10.1.2.3:1")), a("10.1.2.3:1"));
+    }
 
     /// A path that never receives anything and counts what it sends; with `slow`, its first
     /// send takes 600 ms (a full socket buffer, an AF_XDP ring that does not drain).

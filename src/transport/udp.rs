@@ -186,15 +186,8 @@ impl DatagramIo for UdpIo {
     /// fragment" (quinn-udp), so a datagram above this fails with EMSGSIZE. When the kernel
     /// cannot say: the smallest.
     fn max_datagram_to(&self, peer: SocketAddr) -> usize {
-        // A v4-mapped peer of a dual-stack socket is asked about as IPv4 (its real route); any
-        // other keeps its scope (a link-local peer needs its interface to connect).
-        let peer = match peer {
-            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-                Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-                None => SocketAddr::V6(v6),
-            },
-            v4 => v4,
-        };
+        // A v4-mapped peer of a dual-stack socket is asked about as IPv4 (its real route).
+        let peer = super::canonical(peer);
         let now = Instant::now();
         if let Some(&(m, at)) = self.mtus.lock().unwrap().get(&peer.ip()) {
             if now.duration_since(at) < MTU_TTL {

@@ -619,7 +619,7 @@ impl XdpIo {
     /// without an AF_XDP socket, other addresses of the machine on a wildcard bind), read from
     /// the kernel path.
     fn recv_kernel(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
-        let r = self.reserve.recv_now(bufs, &mut |from, d| f(SocketAddr::new(from.ip().to_canonical(), from.port()), d));
+        let r = self.reserve.recv_now(bufs, &mut |from, d| f(super::canonical(from), d));
         let n = match r {
             Ok(n) => n,
             // An ICMP error queued on the socket (port unreachable from an earlier send).
