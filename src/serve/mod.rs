@@ -286,6 +286,8 @@ pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], worker
                 false
             }
             Some(Input::Request { session, id, missing, body }) => {
+                // Before a worker can answer.
+                io.authentic(from);
                 match tx.try_send(Job { session, peer: from, id, missing, body }) {
                     Ok(()) => {}
                     Err(TrySendError::Full(_)) => dropped += 1, // the client will ask again

@@ -181,6 +181,13 @@ impl DatagramIo for UdpIo {
     fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         self.recv_now_impl(bufs, f)
     }
+    fn authentic(&self, from: SocketAddr) {
+        if let Some((sender, to)) = RECEIVING.get() {
+            if sender == from {
+                self.learn_source(from, to);
+            }
+        }
+    }
     /// The route's MTU to `peer`, asked of a throwaway socket connected to it (the serving
     /// socket is not connected) and remembered for a minute. The socket sends with "don't
     /// fragment" (quinn-udp), so a datagram above this fails with EMSGSIZE. When the kernel
@@ -262,6 +269,28 @@ mod tests {
             io.send_burst(peer, b"data", 4).unwrap();
             assert_eq!(reply(&client).unwrap().1, at("127.0.0.4"), "bound to {bind}");
         }
+    }
+
+    /// A datagram found authentic inside the callback teaches its reply address before the
+    /// callback returns: a reply another thread sends meanwhile (a server's worker, given the
+    /// request from inside the callback) leaves from the address the peer sent to.
+    #[test]
+    fn a_reply_from_another_thread_during_the_callback_leaves_from_the_address_sent_to() {
+        let io = UdpIo::new(UdpSocket::bind("0.0.0.0:0").unwrap()).unwrap();
+        let port = io.socket().local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"a", SocketAddr::new(Ipv4Addr::new(127, 0, 0, 5).into(), port)).unwrap();
+        assert!(io.wait_readable(Duration::from_secs(1)).unwrap());
+        let mut bufs = RecvBufs::default();
+        io.recv_now(&mut bufs, &mut |from, _| {
+            io.authentic(from);
+            std::thread::scope(|s| {
+                s.spawn(|| io.send_burst(from, b"data", 4).unwrap());
+            });
+            true
+        })
+        .unwrap();
+        assert_eq!(reply(&client).unwrap().1, SocketAddr::new(Ipv4Addr::new(127, 0, 0, 5).into(), port));
     }
 
     #[test]

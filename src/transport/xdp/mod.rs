@@ -568,7 +568,7 @@ impl XdpIo {
     fn recv_impl(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         let mut total = 0;
         let mut ignored = 0u64;
-        let mut last_src: Option<(IpAddr, Mac)> = None;
+        let mut last_src: Option<(SocketAddr, Mac)> = None;
         let mut frames = TAKEN.with(|t| std::mem::take(&mut *t.borrow_mut()));
         for q in &self.queues {
             // Given back after each batch, and by the guard if `f` panics.
@@ -590,12 +590,13 @@ impl XdpIo {
                     // from inside `f` (a handshake's) leaves from the address served.
                     let (ksrc, kdst) = (self.kernel_addr(src), self.kernel_addr(SocketAddr::new(dst, 0)).ip());
                     let data = &mut q.view.data_mut(fr)[at];
-                    if udp::receiving(ksrc, kdst, || f(src, data)) && last_src != Some((src.ip(), src_mac)) {
+                    let authentic = udp::receiving(ksrc, kdst, || receiving_frame(src, src_mac, || f(src, data)));
+                    if authentic && last_src != Some((src, src_mac)) {
                         self.learn(src.ip(), src_mac);
                         // Replies go back over AF_XDP, also if this peer had sent to another
                         // address of the machine before.
                         self.reserve.learn_source(ksrc, kdst);
-                        last_src = Some((src.ip(), src_mac));
+                        last_src = Some((src, src_mac));
                     }
                 }
                 taken.give_back();
@@ -633,7 +634,19 @@ impl XdpIo {
     }
 }
 
+/// Run `f` as the handling of an AF_XDP frame from `src`, sent by Ethernet address `mac` (what
+/// [`DatagramIo::authentic`] learns).
+fn receiving_frame<R>(src: SocketAddr, mac: Mac, f: impl FnOnce() -> R) -> R {
+    let outer = RECEIVING_FRAME.replace(Some((src, mac)));
+    let r = f();
+    RECEIVING_FRAME.set(outer);
+    r
+}
+
 thread_local! {
+    /// The AF_XDP frame this thread is handing to `recv_now`'s callback: its sender and the
+    /// sender's Ethernet address.
+    static RECEIVING_FRAME: std::cell::Cell<Option<(SocketAddr, Mac)>> = const { std::cell::Cell::new(None) };
     /// Each receiving thread's batch of frames taken out of an rx ring (kept to reuse its memory).
     static TAKEN: std::cell::RefCell<Vec<Frame>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -711,6 +724,14 @@ impl DatagramIo for XdpIo {
     /// kernel path.
     fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
         self.recv_impl(bufs, f)
+    }
+    fn authentic(&self, from: SocketAddr) {
+        if let Some((src, mac)) = RECEIVING_FRAME.get() {
+            if src == from {
+                self.learn(src.ip(), mac);
+            }
+        }
+        self.reserve.authentic(self.kernel_addr(from));
     }
     fn describe_stats(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
