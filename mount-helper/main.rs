@@ -57,6 +57,15 @@ wraith options (passed on to wraith-mount):
   uid=N, gid=N          show every file as owned by user/group N
   ro                    read-only (always the case)
   threads=N             FUSE worker threads (default 4)
+  noexec                do not allow programs to be run from the mount
+  transport=T           udp (default), xdp (AF_XDP, or fail) or auto (AF_XDP, else UDP)
+  iface=IFACE           interface for AF_XDP (default: the route's to the server)
+  xdp_mode=M            auto (default), native or generic XDP
+  cache_dir=DIR         disk cache directory (default /var/cache/wraith/<id> for
+                        root, $XDG_CACHE_HOME/wraith/<id> otherwise)
+  cache_size=SIZE       disk cache size (default min(10G, 10% of free space); 0 off)
+  cache_io=uring|pread  disk cache I/O (default uring)
+  passthrough | nopassthrough  kernel reads fully cached files itself (default on)
   fsname=NAME           source shown in /proc/mounts (default: SPEC)
 
 Accepted and dropped (they belong to mount(8) or systemd):

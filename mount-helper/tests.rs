@@ -306,3 +306,18 @@ fn shell_quote_for_display() {
     assert_eq!(shell_quote("a b"), "'a b'");
     assert_eq!(shell_quote("it's"), r"'it'\''s'");
 }
+
+/// `--help` names every option passed on to wraith-mount.
+#[test]
+fn help_lists_every_option_passed_on() {
+    let names = [
+        "keyfile", "port", "attr_timeout", "timeout", "mem_cache", "readahead", "uid", "gid", "threads", "fsname", "cache_dir",
+        "cache_size", "cache_io", "transport", "iface", "xdp_mode", "hard", "soft", "allow_other", "default_permissions", "ro",
+        "noexec", "passthrough", "nopassthrough",
+    ];
+    for n in names {
+        assert_ne!(classify(n), Class::Drop, "{n}");
+        let listed = HELP.lines().any(|l| l.trim_start().split([' ', '=', ',']).any(|w| w == n));
+        assert!(listed, "{n} is passed on but not in --help");
+    }
+}

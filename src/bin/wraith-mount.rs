@@ -47,6 +47,7 @@ use wraith::transport::ClientTransport;
         default_permissions  kernel checks mode bits\n  \
         uid=N, gid=N       show every file as owned by N\n  \
         threads=N          FUSE worker threads (default 4)\n  \
+        noexec             do not allow programs to be run from the mount\n  \
         fsname=NAME        source shown in /proc/mounts (default the remote spec)\n  \
         ro                 accepted (wraith is always read-only)"
 )]

@@ -62,7 +62,8 @@ impl Stats {
     }
 }
 
-/// Default cache directory for a mount identified by `id` (e.g. "server:port/share"):
+/// Default cache directory for a mount identified by `id` (the server's resolved address and
+/// the remote spec, e.g. "10.0.0.5:7447|server:/share"), named by the first 16 hex digits of its BLAKE3:
 /// `/var/cache/wraith/<hash>` for root, `$XDG_CACHE_HOME/wraith/<hash>` (or `~/.cache/...`) else.
 pub fn default_dir(id: &str, is_root: bool) -> PathBuf {
     let name = blake3::hash(id.as_bytes()).to_hex()[..16].to_string();
