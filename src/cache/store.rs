@@ -119,6 +119,11 @@ impl Store {
         let mut jf = OpenOptions::new().create(true).truncate(false).read(true).write(true).mode(0o600).open(&jpath);
         let jf = jf.as_mut().map_err(|e| ctx("journal", io::Error::new(e.kind(), e.to_string())))?;
         let (align, direct) = probe_direct(&dir, jf);
+        // Evicting a chunk punches a hole; without that the cache could not give space back,
+        // and would outgrow `cache_size` on disk.
+        if let Err(e) = probe_punch(&dir) {
+            return Err(format!("cache {}: its filesystem cannot punch holes ({e}); give cache_dir on ext4, xfs, btrfs or tmpfs", dir.display()));
+        }
         let mut index = Index::new(u64::MAX, align as u64);
         let mut bytes = Vec::new();
         jf.read_to_end(&mut bytes).map_err(|e| ctx("read journal", e))?;
@@ -648,6 +653,33 @@ fn apply(ix: &mut Index, r: Record) {
 }
 
 /// `O_DIRECT` alignment of the cache's filesystem and whether `O_DIRECT` works there at all.
+/// Whether the cache's filesystem releases a punched range: Err only when it says it cannot
+/// (`EOPNOTSUPP`, `ENOSYS`: vfat, some network and FUSE filesystems); any other failure (a full
+/// disk) proves nothing, and the cache deals with it when it happens.
+fn probe_punch(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    if PUNCH_UNSUPPORTED.get() {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    let probe = dir.join("data/.punch-probe");
+    let r = (|| {
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&probe)?;
+        (&f).write_all(&[1u8; 8192])?;
+        disk::punch_hole(&f, 0, 4096)
+    })();
+    let _ = std::fs::remove_file(&probe);
+    match r {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test switch: this thread's `Store::open` finds a filesystem that cannot punch holes.
+    pub(super) static PUNCH_UNSUPPORTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn probe_direct(dir: &Path, journal: &File) -> (usize, bool) {
     let align = disk::dio_align(journal);
     let probe = dir.join("data/.probe");

@@ -595,3 +595,19 @@ fn unrecorded_runs_around_recorded_chunks_are_released_at_start() {
         assert_eq!(f.load(&s, i), want, "chunk {i}");
     }
 }
+
+/// A filesystem that cannot punch holes could never give evicted chunks' space back: the store
+/// refuses it in one line (the mount then runs without a disk cache, as for any unusable
+/// directory). The probe itself leaves nothing behind.
+#[test]
+fn a_filesystem_that_cannot_punch_holes_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    PUNCH_UNSUPPORTED.set(true);
+    let r = Store::open(&cfg(d.path(), 64 << 20, false));
+    PUNCH_UNSUPPORTED.set(false);
+    let e = r.err().expect("a filesystem that cannot punch holes is refused");
+    assert!(e.contains("cannot punch holes"), "{e}");
+    let s = Store::open(&cfg(d.path(), 64 << 20, false)).expect("this one can");
+    assert!(!d.path().join("data/.punch-probe").exists());
+    drop(s);
+}
