@@ -25,7 +25,8 @@ const MTU_TTL: Duration = Duration::from_secs(60);
 pub struct UdpIo {
     sock: UdpSocket,
     state: UdpSocketState,
-    mtus: Mutex<HashMap<IpAddr, (usize, Instant)>>,
+    /// By address and scope (a link-local address names a different peer on each interface).
+    mtus: Mutex<HashMap<(IpAddr, u32), (usize, Instant)>>,
     /// Bound to a wildcard address: replies leave from the address the peer sent to.
     wildcard: bool,
     /// The local address each peer's last authentic datagram was sent to (bounded).
@@ -138,10 +139,18 @@ impl UdpIo {
 /// Run `f` as the handling of a datagram from `from` to the local address `to`: what it sends
 /// back to `from` leaves from `to` (see `RECEIVING`).
 pub(super) fn receiving<R>(from: SocketAddr, to: IpAddr, f: impl FnOnce() -> R) -> R {
-    let outer = RECEIVING.replace(Some((from, to)));
-    let r = f();
-    RECEIVING.set(outer);
-    r
+    let _outer = Restore(&RECEIVING, RECEIVING.replace(Some((from, to))));
+    f()
+}
+
+/// Puts a thread-local cell back to its outer value when dropped, also when what ran inside
+/// panicked.
+pub(super) struct Restore<T: Copy + 'static>(pub &'static std::thread::LocalKey<std::cell::Cell<T>>, pub T);
+
+impl<T: Copy + 'static> Drop for Restore<T> {
+    fn drop(&mut self) {
+        self.0.set(self.1);
+    }
 }
 
 impl UdpIo {
@@ -196,7 +205,8 @@ impl DatagramIo for UdpIo {
         // A v4-mapped peer of a dual-stack socket is asked about as IPv4 (its real route).
         let peer = super::canonical(peer);
         let now = Instant::now();
-        if let Some(&(m, at)) = self.mtus.lock().unwrap().get(&peer.ip()) {
+        let key = (peer.ip(), if let SocketAddr::V6(a) = peer { a.scope_id() } else { 0 });
+        if let Some(&(m, at)) = self.mtus.lock().unwrap().get(&key) {
             if now.duration_since(at) < MTU_TTL {
                 return m;
             }
@@ -205,7 +215,7 @@ impl DatagramIo for UdpIo {
             Ok(s) => super::path_max_datagram(&s, peer),
             Err(_) => crate::proto::wire::MIN_DATAGRAM,
         };
-        super::bounded_insert(&mut self.mtus.lock().unwrap(), peer.ip(), (m, now));
+        super::bounded_insert(&mut self.mtus.lock().unwrap(), key, (m, now));
         m
     }
 }
@@ -293,6 +303,16 @@ mod tests {
         assert_eq!(reply(&client).unwrap().1, SocketAddr::new(Ipv4Addr::new(127, 0, 0, 5).into(), port));
     }
 
+    /// The cell is put back also when the callback panics: a later datagram is not answered
+    /// from the address an earlier one was sent to.
+    #[test]
+    fn the_datagram_being_handled_is_forgotten_when_its_handling_panics() {
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let r = std::panic::catch_unwind(|| receiving(peer, "127.0.0.7".parse().unwrap(), || panic!("a callback panics")));
+        assert!(r.is_err());
+        assert_eq!(RECEIVING.get(), None);
+    }
+
     #[test]
     fn max_datagram_to_asks_the_route_and_remembers_it() {
         let io = UdpIo::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
@@ -302,7 +322,11 @@ mod tests {
         assert_eq!(io.max_datagram_to("[::ffff:127.0.0.1]:9".parse().unwrap()), MAX_DATAGRAM);
         assert_eq!(io.mtus.lock().unwrap().len(), 1);
         // Remembered: a changed entry is what comes back within the minute.
-        io.mtus.lock().unwrap().get_mut(&"127.0.0.1".parse::<IpAddr>().unwrap()).unwrap().0 = 1400;
+        io.mtus.lock().unwrap().get_mut(&("127.0.0.1".parse::<IpAddr>().unwrap(), 0)).unwrap().0 = 1400;
         assert_eq!(io.max_datagram_to("127.0.0.1:10".parse().unwrap()), 1400);
+        // A link-local address on two interfaces is two peers.
+        let _ = io.max_datagram_to("[fe80::1%1]:9".parse().unwrap());
+        let _ = io.max_datagram_to("[fe80::1%2]:9".parse().unwrap());
+        assert_eq!(io.mtus.lock().unwrap().len(), 3);
     }
 }

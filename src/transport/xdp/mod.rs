@@ -579,7 +579,7 @@ impl XdpIo {
                     let (src, dst, src_mac, at) = match packet::parse(q.view.data(fr)) {
                         Ok(d) if d.dst.port() == self.port && self.is_local(d.dst.ip()) => {
                             let start = d.payload.as_ptr() as usize - q.view.data(fr).as_ptr() as usize;
-                            (d.src, d.dst.ip(), d.src_mac, start..start + d.payload.len())
+                            (sender_name(d.src, self.dev.index), d.dst.ip(), d.src_mac, start..start + d.payload.len())
                         }
                         _ => {
                             ignored += 1;
@@ -637,10 +637,17 @@ impl XdpIo {
 /// Run `f` as the handling of an AF_XDP frame from `src`, sent by Ethernet address `mac` (what
 /// [`DatagramIo::authentic`] learns).
 fn receiving_frame<R>(src: SocketAddr, mac: Mac, f: impl FnOnce() -> R) -> R {
-    let outer = RECEIVING_FRAME.replace(Some((src, mac)));
-    let r = f();
-    RECEIVING_FRAME.set(outer);
-    r
+    let _outer = udp::Restore(&RECEIVING_FRAME, RECEIVING_FRAME.replace(Some((src, mac))));
+    f()
+}
+
+/// The name of a frame's sender: a link-local IPv6 address with the interface it arrived on as
+/// its scope, as the kernel path names it (and as a reply through the kernel needs it).
+fn sender_name(src: SocketAddr, ifindex: u32) -> SocketAddr {
+    match src {
+        SocketAddr::V6(a) => SocketAddr::V6(std::net::SocketAddrV6::new(*a.ip(), a.port(), 0, neigh::scope(*a.ip(), ifindex))),
+        a => a,
+    }
 }
 
 thread_local! {
@@ -750,7 +757,17 @@ impl DatagramIo for XdpIo {
 
 #[cfg(test)]
 mod lane_tests {
-    use super::lane_queues;
+    use super::{lane_queues, sender_name};
+
+    /// A link-local sender is named with the interface as its scope, as the kernel path names
+    /// it: one client, one session, whichever path its datagrams take.
+    #[test]
+    fn a_link_local_sender_is_named_with_its_interface() {
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(sender_name(a("[fe80::2]:40000"), 7), a("[fe80::2%7]:40000"));
+        assert_eq!(sender_name(a("[fd00::2]:40000"), 7), a("[fd00::2]:40000"));
+        assert_eq!(sender_name(a("10.0.0.2:40000"), 7), a("10.0.0.2:40000"));
+    }
 
     #[test]
     fn every_queue_has_exactly_one_thread_when_there_are_enough() {

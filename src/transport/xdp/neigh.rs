@@ -140,7 +140,7 @@ pub fn resolve(hop: IpAddr, src: Option<IpAddr>, ifindex: u32, wait: Duration) -
 }
 
 /// The scope id a socket address for `a` needs: the interface for a link-local address.
-fn scope(a: Ipv6Addr, ifindex: u32) -> u32 {
+pub(super) fn scope(a: Ipv6Addr, ifindex: u32) -> u32 {
     if a.is_unicast_link_local() {
         ifindex
     } else {
