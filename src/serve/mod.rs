@@ -394,6 +394,100 @@ mod tests {
         assert!(big_bytes < 40 << 10);
     }
 
+    /// A path that holds the receive callback's return, once it found a request authentic,
+    /// until a worker has answered (at most 2 s): what is learned only after the callback then
+    /// comes too late for that answer.
+    struct WorkerFirst {
+        inner: UdpIo,
+        sent: Mutex<u64>,
+        cv: std::sync::Condvar,
+    }
+
+    impl DatagramIo for WorkerFirst {
+        fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
+            let r = self.inner.send_burst(dest, buf, seg);
+            *self.sent.lock().unwrap() += 1;
+            self.cv.notify_all();
+            r
+        }
+        fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+            self.inner.wait_readable(timeout)
+        }
+        fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
+            self.inner.recv_now(bufs, &mut |from, d| {
+                let before = *self.sent.lock().unwrap();
+                let authentic = f(from, d);
+                if authentic {
+                    let g = self.sent.lock().unwrap();
+                    let _ = self.cv.wait_timeout_while(g, Duration::from_secs(2), |n| *n == before);
+                }
+                authentic
+            })
+        }
+        fn authentic(&self, from: SocketAddr) {
+            self.inner.authentic(from)
+        }
+        fn max_datagram_to(&self, peer: SocketAddr) -> usize {
+            self.inner.max_datagram_to(peer)
+        }
+    }
+
+    /// A client's path that remembers where every datagram came from.
+    struct Sources {
+        inner: UdpIo,
+        from: Mutex<Vec<SocketAddr>>,
+    }
+
+    impl DatagramIo for Sources {
+        fn send_burst(&self, dest: SocketAddr, buf: &[u8], seg: usize) -> io::Result<()> {
+            self.inner.send_burst(dest, buf, seg)
+        }
+        fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+            self.inner.wait_readable(timeout)
+        }
+        fn recv_now(&self, bufs: &mut RecvBufs, f: &mut dyn FnMut(SocketAddr, &mut [u8]) -> bool) -> io::Result<usize> {
+            self.inner.recv_now(bufs, &mut |from, d| {
+                self.from.lock().unwrap().push(from);
+                f(from, d)
+            })
+        }
+        fn max_datagram_to(&self, peer: SocketAddr) -> usize {
+            self.inner.max_datagram_to(peer)
+        }
+    }
+
+    /// A server on a wildcard address answers a client of another local address (127.0.0.2)
+    /// from that address, also the first request of a session and also when a worker answers
+    /// before the receive loop is done with the request: the reply address is learned before
+    /// the request is queued.
+    #[test]
+    fn a_workers_first_answer_leaves_from_the_address_the_client_sent_to() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("data")).unwrap();
+        let io = Arc::new(WorkerFirst {
+            inner: UdpIo::new(UdpSocket::bind("0.0.0.0:0").unwrap()).unwrap(),
+            sent: Mutex::new(0),
+            cv: std::sync::Condvar::new(),
+        });
+        let server: SocketAddr = SocketAddr::new("127.0.0.2".parse().unwrap(), io.inner.socket().local_addr().unwrap().port());
+        let psk = [9u8; 32];
+        let stop = Arc::new(AtomicBool::new(false));
+        let serving = {
+            let (io, h, stop) = (io.clone(), handler(d.path(), "64K"), stop.clone());
+            std::thread::spawn(move || serve_io(io, h, psk, 1, stop))
+        };
+        let client_io = Arc::new(Sources { inner: UdpIo::new(UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap(), from: Mutex::new(Vec::new()) });
+        let client = crate::transport::ClientTransport::with_io(client_io.clone(), server, psk, 1400).unwrap();
+        let r = client.call(&Request::Attach { share: "s".into() }, 4096, Duration::from_secs(10));
+        drop(client);
+        stop.store(true, Ordering::Relaxed);
+        serving.join().unwrap().unwrap();
+        assert!(matches!(r, Ok(Response::Attached { .. })), "{r:?}");
+        let from = client_io.from.lock().unwrap().clone();
+        assert!(from.len() >= 2, "the handshake's answer and the request's: {from:?}");
+        assert!(from.iter().all(|&f| f == server), "every answer from {server}: {from:?}");
+    }
+
     #[test]
     fn read_of_a_changed_file_is_stale() {
         let d = tempfile::tempdir().unwrap();
