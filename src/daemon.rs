@@ -6,7 +6,9 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Mutex;
 
 /// A log sink that sends each line to the local syslog socket (/dev/log), which journald also
-/// serves. Lines are dropped silently when there is no syslog.
+/// serves. Lines are dropped silently when there is no syslog, and when its queue is full: the
+/// socket does not block, since some lines are logged under the client's protocol lock, and a
+/// stalled journald must not stall the mount.
 pub struct Syslog {
     sock: Option<Mutex<UnixDatagram>>,
     ident: String,
@@ -14,7 +16,14 @@ pub struct Syslog {
 
 impl Syslog {
     pub fn new(ident: &str) -> Self {
-        let sock = UnixDatagram::unbound().ok().filter(|s| s.connect("/dev/log").is_ok()).map(Mutex::new);
+        Self::at(std::path::Path::new("/dev/log"), ident)
+    }
+
+    fn at(path: &std::path::Path, ident: &str) -> Self {
+        let sock = UnixDatagram::unbound()
+            .ok()
+            .filter(|s| s.connect(path).is_ok() && s.set_nonblocking(true).is_ok())
+            .map(Mutex::new);
         Syslog { sock, ident: ident.to_string() }
     }
 }
@@ -77,5 +86,32 @@ pub fn notify_ready() {
     };
     if let Err(e) = r {
         tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    /// A syslog that reads nothing (its queue full) costs the logger nothing: lines are
+    /// dropped, not waited for.
+    #[test]
+    fn a_full_syslog_queue_drops_lines_instead_of_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("log");
+        let _reader = UnixDatagram::bind(&path).unwrap();
+        let log = std::sync::Arc::new(Syslog::at(&path, "test"));
+        assert!(log.sock.is_some());
+        let (done, wait) = std::sync::mpsc::channel();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for i in 0..5000 {
+                let mut w = l.make_writer();
+                let _ = writeln!(w, "INFO line {i}");
+            }
+            let _ = done.send(());
+        });
+        assert!(wait.recv_timeout(std::time::Duration::from_secs(10)).is_ok(), "the logger blocked on a full queue");
     }
 }
