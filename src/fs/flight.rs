@@ -128,8 +128,10 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
     }
 }
 
-/// Key of a chunk in memory: the file's BLAKE3 root and the chunk index. Identical files share.
-pub type ChunkKey = ([u8; 32], u64);
+/// Key of a chunk in memory: the file's BLAKE3 root, its chunk size (log2) and the chunk index.
+/// Identical files share; the same bytes served at another chunk size (an export's `chunk=`
+/// changed while a mount stays up) are other chunks.
+pub type ChunkKey = ([u8; 32], u8, u64);
 
 /// A chunk in memory and where it came from.
 type Tagged = (VerifiedChunk, Source);
@@ -196,16 +198,16 @@ impl ChunkLru {
         }
     }
 
-    /// Let go of chunks `idxs` of the file with root `root` (a stream has passed them); their
-    /// piece values are kept.
-    pub fn forget(&self, root: [u8; 32], idxs: std::ops::Range<u64>) {
+    /// Let go of chunks `idxs` of the file with root `root` cut at `chunk_log2` (a stream has
+    /// passed them); their piece values are kept.
+    pub fn forget(&self, root: [u8; 32], chunk_log2: u8, idxs: std::ops::Range<u64>) {
         if idxs.is_empty() {
             return;
         }
         let mut g = self.inner.lock().unwrap();
         let (lru, bytes) = &mut *g;
         for i in idxs {
-            if let Some((old, _)) = lru.pop(&(root, i)) {
+            if let Some((old, _)) = lru.pop(&(root, chunk_log2, i)) {
                 *bytes -= old.mem_cost() as u64;
             }
         }
@@ -232,12 +234,12 @@ mod tests {
     fn lru_stays_within_bytes() {
         let c = ChunkLru::new(10_000);
         for i in 0..100u64 {
-            c.insert(([i as u8; 32], i), chunk(1000, i as u8), Source::Network);
+            c.insert(([i as u8; 32], 18, i), chunk(1000, i as u8), Source::Network);
             assert!(c.bytes() <= 10_000);
         }
-        assert!(c.get(&([99; 32], 99)).is_some());
-        assert!(c.get(&([0; 32], 0)).is_none());
-        c.insert(([1; 32], 1), chunk(20_000, 1), Source::Network); // larger than the whole cache: not kept
+        assert!(c.get(&([99; 32], 18, 99)).is_some());
+        assert!(c.get(&([0; 32], 18, 0)).is_none());
+        c.insert(([1; 32], 18, 1), chunk(20_000, 1), Source::Network); // larger than the whole cache: not kept
         assert!(c.bytes() <= 10_000);
     }
 
@@ -245,16 +247,16 @@ mod tests {
     fn forget_lets_go_of_a_files_chunks_and_their_bytes() {
         let c = ChunkLru::new(100_000);
         for i in 0..5u64 {
-            c.insert(([7; 32], i), chunk(1000, i as u8), Source::Network);
+            c.insert(([7; 32], 18, i), chunk(1000, i as u8), Source::Network);
         }
-        c.insert(([8; 32], 1), chunk(1000, 9), Source::Network);
-        c.forget([7; 32], 1..3);
-        assert!(c.contains(&([7; 32], 0)) && c.contains(&([7; 32], 3)));
-        assert!(!c.contains(&([7; 32], 1)) && !c.contains(&([7; 32], 2)));
-        assert!(c.contains(&([8; 32], 1)), "another file's chunk 1 stays");
+        c.insert(([8; 32], 18, 1), chunk(1000, 9), Source::Network);
+        c.forget([7; 32], 18, 1..3);
+        assert!(c.contains(&([7; 32], 18, 0)) && c.contains(&([7; 32], 18, 3)));
+        assert!(!c.contains(&([7; 32], 18, 1)) && !c.contains(&([7; 32], 18, 2)));
+        assert!(c.contains(&([8; 32], 18, 1)), "another file's chunk 1 stays");
         assert_eq!(c.bytes(), 4 * chunk(1000, 0).mem_cost() as u64);
-        c.forget([7; 32], 3..3);
-        assert!(c.contains(&([7; 32], 3)), "an empty range lets go of nothing");
+        c.forget([7; 32], 18, 3..3);
+        assert!(c.contains(&([7; 32], 18, 3)), "an empty range lets go of nothing");
     }
 
     #[test]

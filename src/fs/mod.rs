@@ -520,7 +520,7 @@ impl Fs {
                     if let Some(d) = &self.disk {
                         d.admit(&info.root, &geom, None, &c);
                     }
-                    self.chunks.insert((info.root, 0), c, Source::Network)
+                    self.chunks.insert((info.root, info.chunk_log2, 0), c, Source::Network)
                 }
                 Err(_) => {
                     self.counters.verify_failures.fetch_add(1, Ordering::Relaxed);

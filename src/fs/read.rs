@@ -97,7 +97,8 @@ impl SeqState {
     }
 }
 
-type CvKey = ([u8; 32], u64);
+/// The file's root, its chunk size (log2; the leaf values differ with it) and the block.
+type CvKey = ([u8; 32], u8, u64);
 
 pub struct CvCache {
     lru: Mutex<LruCache<CvKey, Arc<Vec<Cv>>>>,
@@ -111,6 +112,11 @@ impl CvCache {
     }
 }
 
+/// The memory key of chunk `idx` of the handle's file version.
+fn ckey(h: &Handle, idx: u64) -> ChunkKey {
+    (h.info.root, h.geom.chunk_log2, idx)
+}
+
 fn name(h: &Handle) -> String {
     String::from_utf8_lossy(&h.path).into_owned()
 }
@@ -122,7 +128,7 @@ fn leaf_cv(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<Option<Cv>> {
         return Ok(None);
     }
     let block = idx / CV_BLOCK;
-    let key = (h.info.root, block);
+    let key = (h.info.root, h.geom.chunk_log2, block);
     if let Some(v) = fs.cvs.lru.lock().unwrap().get(&key) {
         return Ok(Some(v[(idx % CV_BLOCK) as usize]));
     }
@@ -160,7 +166,7 @@ fn leaf_cv(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<Option<Cv>> {
 /// then the disk cache (verified on every read; a bad entry is a miss), then the network (the
 /// chunk is then offered to the disk cache, which writes it beside the read).
 pub fn chunk(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<(VerifiedChunk, Source)> {
-    let key = (h.info.root, idx);
+    let key = ckey(h, idx);
     if let Some(c) = fs.chunks.get(&key) {
         fs.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
         return Ok(c);
@@ -229,7 +235,7 @@ impl ReadData {
 /// verify only the pieces it covers.
 fn span_read(fs: &Fs, h: &Handle, idx: u64, offset: u64, end: u64) -> Option<ReadData> {
     let disk = fs.disk.as_ref()?;
-    let key = (h.info.root, idx);
+    let key = ckey(h, idx);
     if end - offset > SPAN_MAX || fs.chunks.contains(&key) {
         return None;
     }
@@ -273,12 +279,12 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     let net_window = window.min(fs.cfg.max_prefetch);
     // Drop-behind: a stream's chunks are in the page cache once read, and kept here as well they
     // filled the memory cache (and grew its registered memory, faulted in fresh) for nothing.
-    fs.chunks.forget(h.info.root, passed);
+    fs.chunks.forget(h.info.root, h.geom.chunk_log2, passed);
     let n = h.geom.n_chunks();
     let mut from_disk = Vec::new();
     let reach = if fs.disk.is_some() { window } else { net_window };
     for c in last + 1..(last + 1 + reach).min(n) {
-        let key = (h.info.root, c);
+        let key = ckey(h, c);
         if fs.chunks.contains(&key) || fs.chunk_flight.is_inflight(&key) {
             continue;
         }
@@ -292,7 +298,7 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
         }
     }
     if disk_batch_due(from_disk.len() as u64, last + 1 + window >= n, window, log2) {
-        from_disk.retain(|&c| fs.prefetch.claim((h.info.root, c)));
+        from_disk.retain(|&c| fs.prefetch.claim(ckey(h, c)));
         if !from_disk.is_empty() {
             fs.prefetch.push(Job::Disk(h.clone(), from_disk));
         }
@@ -361,8 +367,8 @@ pub enum Job {
 impl Job {
     fn keys(&self) -> Vec<ChunkKey> {
         match self {
-            Job::One(h, i) => vec![(h.info.root, *i)],
-            Job::Disk(h, v) => v.iter().map(|i| (h.info.root, *i)).collect(),
+            Job::One(h, i) => vec![ckey(h, *i)],
+            Job::Disk(h, v) => v.iter().map(|&i| ckey(h, i)).collect(),
         }
     }
 }
@@ -434,9 +440,9 @@ fn run(fs: &Fs, job: Job) {
             // its read completes waits for it instead of reading it again.
             let mut leads: HashMap<u64, _> = fs
                 .chunk_flight
-                .lead(idxs.iter().filter(|&&i| !fs.chunks.contains(&(root, i))).map(|&i| (root, i)))
+                .lead(idxs.iter().filter(|&&i| !fs.chunks.contains(&ckey(&h, i))).map(|&i| ckey(&h, i)))
                 .into_iter()
-                .map(|l| (l.key().1, l))
+                .map(|l| (l.key().2, l))
                 .collect();
             let idxs: Vec<u64> = idxs.into_iter().filter(|i| leads.contains_key(i)).collect();
             let mut missed = Vec::new();
@@ -454,7 +460,7 @@ fn run(fs: &Fs, job: Job) {
                 let lead = leads.remove(&idx);
                 match c {
                     Some(c) => {
-                        fs.chunks.insert((root, idx), c.clone(), Source::Cache);
+                        fs.chunks.insert(ckey(&h, idx), c.clone(), Source::Cache);
                         if let Some(l) = lead {
                             l.finish(Ok((c, Source::Cache)));
                         }

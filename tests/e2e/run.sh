@@ -26,7 +26,7 @@ E2E_SUMMARY=1
 BIG_MIB=${WRAITH_E2E_BIG_MIB:-1024}
 SMALL=${WRAITH_E2E_SMALL:-10000}
 SEED=${WRAITH_E2E_SEED:-1}
-ALL_SUITES=(loopback chunk64 change errors ipv6 netns restart gone hard mount_helper cache xdp)
+ALL_SUITES=(loopback chunk64 change errors ipv6 netns restart gone rechunk hard mount_helper cache xdp)
 CHUNK=262144
 
 SRC=        # the generated tree, exported as "tree" (and "tree64" with 64 KiB chunks)
@@ -603,6 +603,33 @@ suite_restart() {
     fi
     check "restart: mount works again (an uncached file)" timeout 60 cmp "$SRC/chunk/size-$((CHUNK - 1))" "$M/chunk/size-$((CHUNK - 1))"
     umount_ok restart "$M"
+}
+
+# An export's chunk size changed while a mount stays up: the same file (the same BLAKE3 root)
+# comes back cut at another size, and the chunks memory holds of the old cut are other chunks.
+# Before, they were served for the new cut (keyed by root and index alone): wrong offsets, or a
+# FUSE thread's panic.
+suite_rechunk() {
+    local M=$WORK/cli/rechunk port pid dir=$WORK/srv/rechunk want got
+    mkdir -p "$dir"
+    head -c $((3 * 1048576 + 4097)) /dev/urandom >"$dir/f"
+    want=$(b3sum --no-names "$dir/f")
+    port=$(free_udp_port)
+    serve rechunk-64k "" 127.0.0.1 "$port" --key "$KEY" --state-dir "$WORK/state/rechunk" --export "r=$dir,chunk=64K" || return
+    pid=$SERVER_PID
+    if mount_ok rechunk "" "127.0.0.1:$port:/r" "$M" "keyfile=$KEY,cache_size=0,attr_timeout=0,timeout=10"; then
+        check "rechunk: read at 64 KiB chunks" timeout 60 cmp "$dir/f" "$M/f"
+        stop_pid "$pid" 10
+        if serve rechunk-1m "" 127.0.0.1 "$port" --key "$KEY" --state-dir "$WORK/state/rechunk" --export "r=$dir,chunk=1M"; then
+            pid=$SERVER_PID
+            drop_caches || log "drop_caches not permitted: the page cache may answer"
+            check "rechunk: read again after the export went to 1 MiB chunks, bytes equal" timeout 60 cmp "$dir/f" "$M/f"
+            got=$(timeout 60 b3sum --no-names "$M/f" 2>&1)
+            check_eq "rechunk: b3sum after the change" "$want" "$got"
+        fi
+        umount_ok rechunk "$M"
+    fi
+    stop_pid "$pid" 10
 }
 
 suite_gone() {
