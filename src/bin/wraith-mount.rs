@@ -491,6 +491,9 @@ fn run(args: Args, mut ready: Option<OwnedFd>) -> ExitCode {
         }
         if stop.load(Ordering::Relaxed) {
             tracing::info!("signal received; unmounting");
+            // A hard mount whose server is gone would otherwise keep its FUSE threads retrying,
+            // and the session would never end.
+            fs.stop();
             fs.save_meta();
             return match mounted.unmount(args.mp()) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,9 @@ struct Slot<V> {
     ready: Condvar,
 }
 
+/// How often a thread waiting for another's fetch asks whether its caller was interrupted.
+pub const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Deduplicates concurrent fetches of the same key.
 pub struct SingleFlight<K, V> {
     inflight: Mutex<HashMap<K, Arc<Slot<V>>>>,
@@ -84,21 +87,30 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
     }
 
     /// Run `fetch` for `key` unless another thread already is; then everyone gets its result.
-    pub fn run(&self, key: K, fetch: impl FnOnce() -> Result<V, Error>) -> Result<V, Error> {
+    /// A waiter asks `interrupted` every [`WAIT_POLL`] and gives up with `Interrupted` when it
+    /// says so (the lead may be a prefetch on a hard mount, retrying until the server is back).
+    /// A lead that was itself interrupted lets go instead of handing its `Interrupted` to the
+    /// waiters, who were not: one of them leads next.
+    pub fn run(&self, key: K, interrupted: impl Fn() -> bool, fetch: impl FnOnce() -> Result<V, Error>) -> Result<V, Error> {
         let mut fetch = Some(fetch);
         loop {
             let joined = self.join(&mut self.inflight.lock().unwrap(), key.clone());
             let slot = match joined {
                 Ok(lead) => {
                     let r = (fetch.take().expect("fetched once"))();
-                    lead.finish(r.clone());
+                    if !matches!(r, Err(Error::Interrupted)) {
+                        lead.finish(r.clone());
+                    }
                     return r;
                 }
                 Err(slot) => slot,
             };
             let mut st = slot.state.lock().unwrap();
             while matches!(*st, State::Pending) {
-                st = slot.ready.wait(st).unwrap();
+                st = slot.ready.wait_timeout(st, WAIT_POLL).unwrap().0;
+                if matches!(*st, State::Pending) && interrupted() {
+                    return Err(Error::Interrupted);
+                }
             }
             if let State::Done(r) = &*st {
                 return r.clone();
@@ -259,6 +271,39 @@ mod tests {
         assert!(c.contains(&([7; 32], 18, 3)), "an empty range lets go of nothing");
     }
 
+    /// A waiter whose caller gives up returns `Interrupted` while the lead still runs (a
+    /// prefetch on a hard mount may retry until the server is back); a lead that was itself
+    /// interrupted lets go, and a waiter then fetches for itself instead of inheriting it.
+    #[test]
+    fn waiters_give_up_on_their_own_and_do_not_inherit_a_leads_interruption() {
+        use std::time::{Duration, Instant};
+        let sf: Arc<SingleFlight<u32, u32>> = Arc::new(SingleFlight::default());
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let lead = {
+            let sf = sf.clone();
+            std::thread::spawn(move || {
+                sf.run(1, || false, || {
+                    wait.recv().unwrap();
+                    Err(Error::Interrupted)
+                })
+            })
+        };
+        while !sf.is_inflight(&1) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t0 = Instant::now();
+        assert_eq!(sf.run(1, || true, || Ok(5)), Err(Error::Interrupted), "the waiter's caller gave up");
+        assert!(t0.elapsed() < 3 * WAIT_POLL, "{:?}", t0.elapsed());
+        let waiter = {
+            let sf = sf.clone();
+            std::thread::spawn(move || sf.run(1, || false, || Ok(7)))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        go.send(()).unwrap();
+        assert_eq!(lead.join().unwrap(), Err(Error::Interrupted));
+        assert_eq!(waiter.join().unwrap(), Ok(7), "the waiter fetched for itself");
+    }
+
     #[test]
     fn single_flight_runs_once() {
         use std::sync::atomic::{AtomicU32, Ordering};
@@ -268,7 +313,7 @@ mod tests {
             .map(|_| {
                 let (sf, runs) = (sf.clone(), runs.clone());
                 std::thread::spawn(move || {
-                    sf.run(1, || {
+                    sf.run(1, || false, || {
                         runs.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(std::time::Duration::from_millis(100));
                         Ok(7)
@@ -291,7 +336,7 @@ mod tests {
         assert!(sf.is_inflight(&2) && !sf.is_inflight(&3));
         let waiter = |k| {
             let sf = sf.clone();
-            std::thread::spawn(move || sf.run(k, || Ok(100 + k)))
+            std::thread::spawn(move || sf.run(k, || false, || Ok(100 + k)))
         };
         let (w1, w2) = (waiter(1), waiter(2));
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -141,6 +141,9 @@ pub struct Fs {
     /// A request timed out and the server has not answered since (the background probe or any
     /// answer clears it).
     offline: AtomicBool,
+    /// The daemon is unmounting (a signal): hard mounts stop retrying and waits end, so that
+    /// every FUSE thread returns and the session can end.
+    stopping: AtomicBool,
     /// What the server last said about names, kept after the kernel forgets the inode, so that
     /// cached files stay reachable while the server does not answer (saved to `meta_file`).
     known: Mutex<Remembered>,
@@ -195,6 +198,7 @@ impl Fs {
             disk,
             sources: Mutex::new(HashMap::new()),
             offline: AtomicBool::new(started_offline),
+            stopping: AtomicBool::new(false),
             known: Mutex::new(known),
             started_offline,
             saving: Mutex::new(()),
@@ -264,6 +268,17 @@ impl Fs {
         }
     }
 
+    /// The daemon is unmounting: from now on nothing waits for the server past one deadline,
+    /// and what waits gives up (`EINTR`).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// The caller of `ctx` gave up (a fatal signal is pending for it), or the mount is stopping.
+    pub(crate) fn gave_up(&self, ctx: Ctx) -> bool {
+        self.stopping.load(Ordering::Relaxed) || (ctx.pid != 0 && signal_pending(ctx.pid))
+    }
+
     pub fn config(&self) -> &FsConfig {
         &self.cfg
     }
@@ -280,12 +295,17 @@ impl Fs {
         let mut warned = false;
         loop {
             let pending = self.net.submit(req, expect, self.cfg.timeout);
-            let r = match pending.wait_interruptible(|| ctx.pid != 0 && signal_pending(ctx.pid)) {
+            let r = match pending.wait_interruptible(|| self.gave_up(ctx)) {
+                // Asked again for up to an hour (the server hashes a big file), but the caller
+                // may give up: a BUSY answer comes at once, so the wait above never sees it.
                 Err(Error::Busy) if start.elapsed() < Duration::from_secs(3600) => {
+                    if self.gave_up(ctx) {
+                        return Err(Error::Interrupted);
+                    }
                     std::thread::sleep(Duration::from_millis(200));
                     continue;
                 }
-                Err(Error::RemoteTimeout) if self.cfg.hard => {
+                Err(Error::RemoteTimeout) if self.cfg.hard && !self.stopping.load(Ordering::Relaxed) => {
                     if !warned {
                         tracing::warn!("server not responding, still trying (hard mount; Ctrl-C interrupts)");
                         warned = true;

@@ -132,7 +132,7 @@ fn leaf_cv(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<Option<Cv>> {
     if let Some(v) = fs.cvs.lru.lock().unwrap().get(&key) {
         return Ok(Some(v[(idx % CV_BLOCK) as usize]));
     }
-    let v = fs.cvs.flight.run(key, || {
+    let v = fs.cvs.flight.run(key, || fs.gave_up(ctx), || {
         let first = block * CV_BLOCK;
         let count = CV_BLOCK.min(n - first);
         let root = blake3::Hash::from_bytes(h.info.root);
@@ -171,7 +171,7 @@ pub fn chunk(fs: &Fs, ctx: Ctx, h: &Handle, idx: u64) -> Result<(VerifiedChunk, 
         fs.counters.chunk_hits.fetch_add(1, Ordering::Relaxed);
         return Ok(c);
     }
-    fs.chunk_flight.run(key, || {
+    fs.chunk_flight.run(key, || fs.gave_up(ctx), || {
         if let Some(disk) = &fs.disk {
             if let Some(c) = disk.load(&h.info.root, &h.geom, idx, || leaf_cv(fs, ctx, h, idx)) {
                 fs.chunks.insert(key, c.clone(), Source::Cache);

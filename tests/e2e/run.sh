@@ -733,6 +733,43 @@ suite_hard() {
             umount -l "$M" 2>/dev/null
         fi
     fi
+    # SIGTERM while the server is gone and reads wait for it: the daemon stops retrying (the
+    # reader gets an error), unmounts and exits. Before, its FUSE and prefetch threads retried
+    # for ever and the daemon never exited.
+    if mount_ok hard-stop "" "127.0.0.1:$port:/tree" "$M" "keyfile=$KEY,hard,timeout=2,attr_timeout=1,cache_size=0"; then
+        stop_pid "$pid" 5
+        timeout 120 cat "$M/big.bin" >/dev/null 2>"$WORK/logs/hard-cat2.out" &
+        rpid=$!
+        sleep 3
+        check "hard: a read waits while the server is gone (before SIGTERM)" kill -0 "$rpid"
+        dpids=$(pids_with_arg "$M")
+        t0=$(now)
+        kill -TERM $dpids 2>/dev/null
+        for ((i = 0; i < 200; i++)); do
+            [ -z "$(pids_with_arg "$M")" ] && ! mountpoint -q "$M" && break
+            sleep 0.1
+        done
+        el=$(elapsed "$t0")
+        if [ -z "$(pids_with_arg "$M")" ] && ! mountpoint -q "$M"; then
+            ok "hard: SIGTERM with the server gone and a read waiting: the daemon unmounts and exits (${el} s)"
+        else
+            not_ok "hard: SIGTERM with the server gone and a read waiting: the daemon unmounts and exits" \
+                "after 20 s: pids '$(pids_with_arg "$M")', mounted: $(mountpoint -q "$M" && echo yes || echo no)"
+            kill -KILL $(pids_with_arg "$M") 2>/dev/null
+            umount -l "$M" 2>/dev/null
+        fi
+        for ((i = 0; i < 50; i++)); do
+            kill -0 "$rpid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$rpid" 2>/dev/null; then
+            not_ok "hard: the waiting read ended with the daemon" "still running"
+            kill -KILL "$rpid" 2>/dev/null
+        else
+            ok "hard: the waiting read ended with the daemon ($(last_line "$WORK/logs/hard-cat2.out"))"
+        fi
+        wait "$rpid" 2>/dev/null
+    fi
     stop_pid "$pid" 5
 }
 
