@@ -155,24 +155,53 @@ pub struct ChunkLru {
     limit: u64,
     /// The piece CVs of chunks verified before, kept after their bytes leave memory, so that a
     /// small read of one from the disk cache can be verified without reading the whole chunk.
-    pieces: Mutex<LruCache<ChunkKey, PieceCvs>>,
+    pieces: Mutex<PieceLru>,
 }
 
-/// Chunks whose piece CVs are remembered (at 256 KiB chunks, 16 GiB of file data in ~35 MiB).
-const PIECE_ENTRIES: usize = 65536;
+/// Bytes of piece CVs remembered: 65,536 chunks at 256 KiB (16 GiB of file data), 1,024 at
+/// 16 MiB. Counted in bytes, not entries: a 16 MiB chunk has 1,024 pieces, and 65,536 entries
+/// of those would have been 2 GiB.
+const PIECE_BYTES: u64 = 32 << 20;
+/// What an entry costs besides its values (key, LRU links, the shared allocation's header).
+const PIECE_ENTRY_COST: u64 = 96;
+
+/// Piece CVs by chunk, least recently used dropped first, bounded in bytes.
+struct PieceLru {
+    lru: LruCache<ChunkKey, PieceCvs>,
+    bytes: u64,
+}
+
+impl PieceLru {
+    fn cost(p: &PieceCvs) -> u64 {
+        p.len() as u64 * 32 + PIECE_ENTRY_COST
+    }
+
+    fn put(&mut self, k: ChunkKey, p: PieceCvs) {
+        self.bytes += Self::cost(&p);
+        if let Some(old) = self.lru.put(k, p) {
+            self.bytes -= Self::cost(&old);
+        }
+        while self.bytes > PIECE_BYTES {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= Self::cost(&old),
+                None => break,
+            }
+        }
+    }
+}
 
 impl ChunkLru {
     pub fn new(limit: u64) -> Self {
         ChunkLru {
             inner: Mutex::new((LruCache::unbounded(), 0)),
             limit,
-            pieces: Mutex::new(LruCache::new(std::num::NonZeroUsize::new(PIECE_ENTRIES).unwrap())),
+            pieces: Mutex::new(PieceLru { lru: LruCache::unbounded(), bytes: 0 }),
         }
     }
 
     /// The piece CVs of chunk `k`, if it was verified (and cut into pieces) recently.
     pub fn pieces(&self, k: &ChunkKey) -> Option<PieceCvs> {
-        self.pieces.lock().unwrap().get(k).cloned()
+        self.pieces.lock().unwrap().lru.get(k).cloned()
     }
 
     /// Remember piece CVs that were checked some other way (stored ones, against a proven leaf).
@@ -253,6 +282,26 @@ mod tests {
         assert!(c.get(&([0; 32], 18, 0)).is_none());
         c.insert(([1; 32], 18, 1), chunk(20_000, 1), Source::Network); // larger than the whole cache: not kept
         assert!(c.bytes() <= 10_000);
+    }
+
+    /// Piece values are bounded in bytes: 16 MiB chunks (1,024 pieces each) keep at most what
+    /// fits in `PIECE_BYTES`, the most recent ones.
+    #[test]
+    fn piece_values_stay_within_their_bytes() {
+        let g = Geometry::new((16 << 20) + 1, 24).unwrap();
+        let data = vec![3u8; 16 << 20];
+        let cv = crate::chunk::chunk_cv(&g, 0, &data);
+        let c = VerifiedChunk::verify(&g, &blake3::hash(b"unused for 2+ chunks"), 0, Some(&cv), data).unwrap();
+        let p = c.pieces().expect("a 16 MiB chunk has pieces").clone();
+        assert_eq!(p.len(), 1024);
+        let lru = ChunkLru::new(0);
+        for i in 0..3000u64 {
+            lru.put_pieces(([1; 32], 24, i), p.clone());
+        }
+        let g = lru.pieces.lock().unwrap();
+        assert!(g.bytes <= PIECE_BYTES, "{}", g.bytes);
+        assert!(g.lru.len() < 1100 && g.lru.len() > 900, "{}", g.lru.len());
+        assert!(g.lru.contains(&([1; 32], 24, 2999)) && !g.lru.contains(&([1; 32], 24, 0)));
     }
 
     #[test]

@@ -432,6 +432,7 @@ impl Fs {
         // Drop what we remembered about a forgotten file's content.
         if gone {
             self.infos.lock().unwrap().remove(&ino);
+            self.sources.lock().unwrap().remove(&ino);
         }
     }
 

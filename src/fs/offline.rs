@@ -19,6 +19,8 @@ const KNOWN_PATHS: usize = 65536;
 /// Directory pages remembered, in bytes of names (plus a fixed cost per entry).
 const PAGE_BYTES: usize = 16 << 20;
 const ENTRY_COST: usize = 128;
+/// What a listing costs besides its entries and its path (so that empty listings count too).
+const LISTING_COST: usize = 128;
 /// Symlink targets remembered.
 const LINKS: usize = 4096;
 
@@ -89,17 +91,22 @@ impl Remembered {
         if entries.iter().map(cost).sum::<usize>() > PAGE_BYTES / 4 {
             return;
         }
-        if self.dirs.peek(path).is_none() {
-            self.dirs.put(path.to_vec(), Listing::default());
-        }
-        let l = self.dirs.get_mut(path).unwrap();
-        let before = l.bytes;
+        let base = path.len() + LISTING_COST;
+        let before = match self.dirs.peek(path) {
+            Some(l) => l.bytes,
+            None => {
+                self.dirs.put(path.to_vec(), Listing::default());
+                0
+            }
+        };
+        let Some(l) = self.dirs.get_mut(path) else { return };
+        l.bytes = l.bytes.max(base);
         let mut changed = false;
         if cookie == 0 && entries.iter().enumerate().any(|(i, e)| l.entries.get(&(i as u64)) != Some(e)) {
             changed |= !l.entries.is_empty() || l.end.is_some();
             l.entries.clear();
             l.end = None;
-            l.bytes = 0;
+            l.bytes = base;
         }
         let n = entries.len() as u64;
         for (i, e) in entries.into_iter().enumerate() {
@@ -280,6 +287,19 @@ mod tests {
         assert!(r.page(b"dir0", 0).is_none(), "the oldest listing was evicted");
     }
 
+    /// Empty listings count too (their path and a fixed cost): a tree of a million empty
+    /// directories listed once does not grow the memory without end.
+    #[test]
+    fn empty_listings_stay_within_the_byte_bound() {
+        let mut r = Remembered::default();
+        for d in 0..300_000 {
+            r.put_page(format!("some/deep/path/to/an/empty/directory/{d}").as_bytes(), 0, Vec::new(), None);
+        }
+        assert!(r.dir_bytes <= PAGE_BYTES);
+        assert!(r.dirs.len() < 150_000, "{} listings kept", r.dirs.len());
+        assert_eq!(r.page(b"some/deep/path/to/an/empty/directory/299999", 0), Some((Vec::new(), None)));
+    }
+
     #[test]
     fn overlapping_pages_cost_once_and_any_cookie_is_served() {
         let mut r = Remembered::default();
@@ -293,7 +313,7 @@ mod tests {
             cookie += 37;
         }
         let one: usize = all.iter().map(cost).sum();
-        assert_eq!(r.dir_bytes, one, "every entry counted once");
+        assert_eq!(r.dir_bytes, one + 1 + LISTING_COST, "every entry counted once, and the listing itself");
         let (got, next) = r.page(b"d", 123).unwrap();
         assert_eq!(got, all[123..].to_vec());
         assert_eq!(next, None);
