@@ -65,6 +65,9 @@ type Key = (Version, u8);
 
 /// Persisted BLAKE3 trees of file versions, with a bounded set of open ones and a small pool of
 /// background hashing threads (at most one computation per `(version, chunk_log2)`).
+/// File versions waiting for a hashing thread (or being hashed) at most.
+const MAX_PENDING: usize = 256;
+
 pub struct HashIndex {
     shared: Arc<Shared>,
 }
@@ -73,6 +76,8 @@ struct Shared {
     dir: PathBuf,
     state: Mutex<State>,
     max_workers: usize,
+    /// Versions waiting to be hashed or being hashed at most; each holds its file open.
+    max_pending: usize,
     /// Bytes read from source files for hashing (tests use it to tell a load from a rebuild).
     hashed_bytes: AtomicU64,
     /// The version each (dev, ino, chunk_log2) was last served at: trees of others are stale.
@@ -131,6 +136,7 @@ impl HashIndex {
                     workers: 0,
                 }),
                 max_workers: cores.clamp(1, 8),
+                max_pending: MAX_PENDING,
                 hashed_bytes: AtomicU64::new(0),
                 current: Mutex::new(LruCache::new(NonZeroUsize::new(CURRENT_ENTRIES).expect("nonzero"))),
                 collected: AtomicU64::new(0),
@@ -203,6 +209,11 @@ impl HashIndex {
             let mut st = lock(&shared.state);
             if let Some(tree) = st.open.get(&key) {
                 return Ok(tree.clone());
+            }
+            if !st.pending.contains_key(&key) && st.pending.len() >= shared.max_pending {
+                // Opening files faster than they hash must not hold ever more of them open
+                // (the server would run out of descriptors): BUSY, and the client asks again.
+                return Err(Error::Busy);
             }
             let job = st.pending.get(&key).cloned().unwrap_or_else(|| {
                 let job = Arc::new(Job {

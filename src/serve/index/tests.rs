@@ -428,3 +428,41 @@ fn trees_of_superseded_versions_are_collected() {
     assert_eq!(index.collect_stale(), 0);
     assert!(index.shared.tree_path(&(v2, 10)).exists());
 }
+
+/// Versions waiting to be hashed are bounded (each holds its file open): past the bound, a new
+/// one is answered BUSY without being queued, and is hashed once asked again with room.
+#[test]
+fn pending_hashes_are_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut index = HashIndex::open(&tmp.path().join("state")).unwrap();
+    Arc::get_mut(&mut index.shared).unwrap().max_pending = 2;
+    let files: Vec<_> = (0..12u64)
+        .map(|k| {
+            let p = tmp.path().join(format!("sparse{k}"));
+            let f = File::create(&p).unwrap();
+            f.set_len((64 << 20) + k).unwrap();
+            let f = File::open(&p).unwrap();
+            let v = version_of(&f.metadata().unwrap());
+            (Arc::new(f), v)
+        })
+        .collect();
+    let mut most = 0;
+    for (f, v) in &files {
+        match index.get(f.clone(), *v, 10, Duration::ZERO) {
+            Ok(_) | Err(Error::Busy) => {}
+            Err(e) => panic!("{e}"),
+        }
+        most = most.max(lock(&index.shared.state).pending.len());
+    }
+    assert!(most <= 2, "{most} versions pending");
+    for (f, v) in &files {
+        let deadline = Instant::now() + LONG;
+        loop {
+            match index.get(f.clone(), *v, 10, Duration::from_millis(50)) {
+                Ok(t) => break assert_eq!(t.geom.size, v.size),
+                Err(Error::Busy) => assert!(Instant::now() < deadline, "still busy"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
