@@ -145,9 +145,23 @@ struct Listings {
 /// Bytes of names kept in listings (plus a fixed cost per name).
 const LISTING_BYTES: usize = 32 << 20;
 const NAME_COST: usize = 32;
+/// What a listing costs besides its names (key, LRU entry, the vector), so that empty
+/// directories count too: listed by the million, they grew the cache without end.
+const LISTING_COST: usize = 128;
 /// A directory changed this recently is not kept: two changes within one timestamp tick would
 /// leave the same mtime, so the listing could miss the second.
 const RACY: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[cfg(test)]
+#[test]
+fn empty_listings_count_toward_the_bound() {
+    let mut l = Listings { lru: LruCache::unbounded(), bytes: 0 };
+    for i in 0..1_000_000u64 {
+        l.put((1, i, 0, 0), Arc::new(Vec::new()));
+    }
+    assert!(l.bytes <= LISTING_BYTES);
+    assert!(l.lru.len() <= LISTING_BYTES / LISTING_COST, "{} listings kept", l.lru.len());
+}
 
 impl std::fmt::Debug for Listings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,7 +175,7 @@ impl Listings {
     }
 
     fn put(&mut self, k: DirKey, names: Arc<Vec<Vec<u8>>>) {
-        let cost = |v: &Vec<Vec<u8>>| v.iter().map(|n| n.len() + NAME_COST).sum::<usize>();
+        let cost = |v: &Vec<Vec<u8>>| LISTING_COST + v.iter().map(|n| n.len() + NAME_COST).sum::<usize>();
         let c = cost(&names);
         if c > LISTING_BYTES / 2 {
             return;
