@@ -16,6 +16,10 @@ use super::wire::{self, Header, Kind, HEADER_LEN, MAC_LEN, MAX_DATAGRAM, MIN_DAT
 /// At most this many sessions are remembered; the least recently used is forgotten first (its
 /// client then gets STALE_SESSION and shakes hands again).
 pub const MAX_SESSIONS: usize = 4096;
+/// Sessions a HELLO made whose client has not yet sent an authentic request. A HELLO can be
+/// replayed by anyone who saw one: kept apart, replays can only push out each other and
+/// handshakes under way, never an established session.
+pub const MAX_FRESH_SESSIONS: usize = 1024;
 
 pub struct Session {
     pub id: u64,
@@ -82,12 +86,26 @@ impl Session {
             b.buf.clear();
             more
         };
-        let ranges: Vec<(usize, usize)> = if missing.is_empty() {
+        // Each piece at most once, whatever the request lists: one request naming the whole
+        // response thousands of times must not make thousands of copies.
+        let mut ranges: Vec<(usize, usize)> = if missing.is_empty() {
             vec![(0, count)]
         } else {
-            missing.iter().map(|m| (m.start as usize, (m.start as usize + m.len as usize).min(count))).collect()
+            missing
+                .iter()
+                .map(|m| (m.start as usize, (m.start as usize + m.len as usize).min(count)))
+                .filter(|(s, e)| s < e)
+                .collect()
         };
-        for (start, end) in ranges {
+        ranges.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+        for (s, e) in ranges {
+            match merged.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        for (start, end) in merged {
             for i in start..end {
                 if !emit(i, &mut b) {
                     return;
@@ -113,6 +131,8 @@ pub struct Server {
     hs_key: [u8; 32],
     rng: StdRng,
     sessions: LruCache<u64, Arc<Session>>,
+    /// Sessions not yet confirmed by an authentic request (see [`MAX_FRESH_SESSIONS`]).
+    fresh: LruCache<u64, Arc<Session>>,
     /// Token bucket for unauthenticated answers (REJECT / STALE_SESSION).
     tokens: f64,
     last_refill: Option<Instant>,
@@ -129,6 +149,7 @@ impl Server {
             hs_key: handshake_key(&psk),
             rng: StdRng::seed_from_u64(seed),
             sessions: LruCache::new(NonZeroUsize::new(MAX_SESSIONS).unwrap()),
+            fresh: LruCache::new(NonZeroUsize::new(MAX_FRESH_SESSIONS).unwrap()),
             tokens: UNAUTH_PER_SEC,
             last_refill: None,
             bad_mac: 0,
@@ -157,6 +178,11 @@ impl Server {
     /// interface MTU, route, AF_XDP frame); asked only for an authentic HELLO, whose session
     /// then uses the smaller of that and what the client says its side carries.
     pub fn handle(&mut self, now: Instant, d: &mut [u8], path_max: impl FnOnce() -> usize) -> Option<Input> {
+        // No client sends more (a request's body is copied into the work queue: 4,096 of them
+        // stay within 64 MiB).
+        if d.len() > MAX_DATAGRAM {
+            return None;
+        }
         let Some(h) = Header::decode(d) else {
             // A HELLO of another protocol version: say which version we speak (rate-limited).
             let r = wire::version_reject(d)?;
@@ -165,7 +191,11 @@ impl Server {
         match h.kind {
             Kind::Hello => self.on_hello(now, d, path_max),
             Kind::Request => {
-                let Some(s) = self.sessions.get(&h.session).cloned() else {
+                let known = match self.sessions.get(&h.session) {
+                    Some(s) => Some((s.clone(), false)),
+                    None => self.fresh.peek(&h.session).map(|s| (s.clone(), true)),
+                };
+                let Some((s, fresh)) = known else {
                     // Unknown session (we restarted, or forgot it): tell the client, with fewer
                     // bytes than it sent, so it shakes hands again.
                     if !self.unauth_allowed(now) {
@@ -182,6 +212,11 @@ impl Server {
                 if !s.replay.lock().unwrap().accept(h.pn) {
                     self.replays += 1;
                     return None;
+                }
+                if fresh {
+                    // The client holds the session's keys: an established session from now on.
+                    self.fresh.pop(&h.session);
+                    self.sessions.put(h.session, s.clone());
                 }
                 let f = frame::decode_request(&body[HEADER_LEN..])?;
                 Some(Input::Request { session: s, id: f.id, missing: f.missing, body: f.body.to_vec() })
@@ -216,13 +251,13 @@ impl Server {
         self.rng.fill_bytes(&mut server_nonce);
         let id = loop {
             let id = self.rng.next_u64();
-            if id != 0 && !self.sessions.contains(&id) {
+            if id != 0 && !self.sessions.contains(&id) && !self.fresh.contains(&id) {
                 break id;
             }
         };
         let keys = SessionKeys::derive(&self.psk, &client_nonce, &server_nonce, id);
         let piece = max_dgram - HEADER_LEN - RESP_HDR - MAC_LEN;
-        self.sessions.put(
+        self.fresh.put(
             id,
             Arc::new(Session { id, keys, piece, pn: AtomicU64::new(0), replay: Mutex::new(ReplayWindow::new()) }),
         );

@@ -407,6 +407,51 @@ fn strangers_get_nothing_and_replays_are_dropped() {
     assert!(matches!(server.handle(now, &mut d.clone(), || MAX_DATAGRAM), Some(Input::Request { .. })), "the unflipped one is taken");
 }
 
+/// A request that lists the same missing pieces many times gets each piece once: one datagram
+/// cannot make the server send the response thousands of times.
+#[test]
+fn repeated_missing_ranges_send_each_piece_once() {
+    let mut s = connected(12);
+    let now = s.now;
+    s.client.start_request(now, req(10, 5), 10, now + Duration::from_secs(5));
+    let mut d = s.client.poll_transmit().unwrap();
+    let Some(Input::Request { session, id, .. }) = s.server.as_mut().unwrap().handle(now, &mut d, || MAX_DATAGRAM) else {
+        panic!("a request")
+    };
+    let resp = content(100_000, 1);
+    let all = session.encode_response(id, &resp, &[]);
+    let pieces = all.buf.len().div_ceil(all.seg);
+    let twice = [super::frame::Missing { start: 0, len: u16::MAX }; 3000];
+    let mut over = twice.to_vec();
+    over.push(super::frame::Missing { start: 2, len: 3 });
+    over.push(super::frame::Missing { start: 60_000, len: 10 });
+    let b = session.encode_response(id, &resp, &over);
+    assert_eq!(b.buf.len().div_ceil(b.seg), pieces, "each piece once");
+    let some = session.encode_response(id, &resp, &[super::frame::Missing { start: 3, len: 2 }, super::frame::Missing { start: 1, len: 3 }]);
+    assert_eq!(some.buf.len().div_ceil(some.seg), 4, "pieces 1 to 4");
+}
+
+/// Replayed HELLOs (anyone who saw one can send it again, as often as they like) make sessions
+/// that are never confirmed: they cannot push out an established one, whose client goes on
+/// without shaking hands again.
+#[test]
+fn replayed_hellos_do_not_push_out_established_sessions() {
+    let mut s = connected(11);
+    let handshakes = s.client.stats.handshakes;
+    let mut other = Client::new(Config { psk: PSK, max_datagram: 1472, seed: 99 }, s.now);
+    other.start_request(s.now, req(10, 1), 10, s.now + Duration::from_secs(5));
+    let hello = other.poll_transmit().expect("a HELLO");
+    let server = s.server.as_mut().unwrap();
+    for _ in 0..2 * super::server::MAX_SESSIONS {
+        assert!(matches!(server.handle(s.now, &mut hello.clone(), || MAX_DATAGRAM), Some(Input::Reply(_))));
+    }
+    let t0 = s.now;
+    let id = s.client.start_request(t0, req(5000, 4), 5000, t0 + Duration::from_secs(5));
+    s.run(t0 + Duration::from_secs(5), 2);
+    assert_eq!(s.done[&id].as_ref().unwrap(), &content(5000, 4));
+    assert_eq!(s.client.stats.handshakes, handshakes, "the session survived the replays");
+}
+
 /// A client whose side carries larger datagrams than the server's (jumbo frames on its side):
 /// the session uses the server's limit, and reads complete.
 #[test]
