@@ -148,14 +148,51 @@ pub type ChunkKey = ([u8; 32], u8, u64);
 /// A chunk in memory and where it came from.
 type Tagged = (VerifiedChunk, Source);
 
+/// An LRU bounded by the bytes `cost` says its values take: past the bound the least recently
+/// used go first, and a value larger than the whole bound is not kept.
+struct ByteLru<K: Hash + Eq, V> {
+    lru: LruCache<K, V>,
+    bytes: u64,
+    limit: u64,
+    cost: fn(&V) -> u64,
+}
+
+impl<K: Hash + Eq, V> ByteLru<K, V> {
+    fn new(limit: u64, cost: fn(&V) -> u64) -> Self {
+        ByteLru { lru: LruCache::unbounded(), bytes: 0, limit, cost }
+    }
+
+    fn put(&mut self, k: K, v: V) {
+        let n = (self.cost)(&v);
+        if n > self.limit {
+            return;
+        }
+        self.bytes += n;
+        if let Some(old) = self.lru.put(k, v) {
+            self.bytes -= (self.cost)(&old);
+        }
+        while self.bytes > self.limit {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= (self.cost)(&old),
+                None => break,
+            }
+        }
+    }
+
+    fn pop(&mut self, k: &K) {
+        if let Some(old) = self.lru.pop(k) {
+            self.bytes -= (self.cost)(&old);
+        }
+    }
+}
+
 /// Verified chunks in memory (with where they came from), bounded in bytes, least recently used
 /// evicted first.
 pub struct ChunkLru {
-    inner: Mutex<(LruCache<ChunkKey, Tagged>, u64)>,
-    limit: u64,
+    inner: Mutex<ByteLru<ChunkKey, Tagged>>,
     /// The piece CVs of chunks verified before, kept after their bytes leave memory, so that a
     /// small read of one from the disk cache can be verified without reading the whole chunk.
-    pieces: Mutex<PieceLru>,
+    pieces: Mutex<ByteLru<ChunkKey, PieceCvs>>,
 }
 
 /// Bytes of piece CVs remembered: 65,536 chunks at 256 KiB (16 GiB of file data), 1,024 at
@@ -165,37 +202,11 @@ const PIECE_BYTES: u64 = 32 << 20;
 /// What an entry costs besides its values (key, LRU links, the shared allocation's header).
 const PIECE_ENTRY_COST: u64 = 96;
 
-/// Piece CVs by chunk, least recently used dropped first, bounded in bytes.
-struct PieceLru {
-    lru: LruCache<ChunkKey, PieceCvs>,
-    bytes: u64,
-}
-
-impl PieceLru {
-    fn cost(p: &PieceCvs) -> u64 {
-        p.len() as u64 * 32 + PIECE_ENTRY_COST
-    }
-
-    fn put(&mut self, k: ChunkKey, p: PieceCvs) {
-        self.bytes += Self::cost(&p);
-        if let Some(old) = self.lru.put(k, p) {
-            self.bytes -= Self::cost(&old);
-        }
-        while self.bytes > PIECE_BYTES {
-            match self.lru.pop_lru() {
-                Some((_, old)) => self.bytes -= Self::cost(&old),
-                None => break,
-            }
-        }
-    }
-}
-
 impl ChunkLru {
     pub fn new(limit: u64) -> Self {
         ChunkLru {
-            inner: Mutex::new((LruCache::unbounded(), 0)),
-            limit,
-            pieces: Mutex::new(PieceLru { lru: LruCache::unbounded(), bytes: 0 }),
+            inner: Mutex::new(ByteLru::new(limit, |t: &Tagged| t.0.mem_cost() as u64)),
+            pieces: Mutex::new(ByteLru::new(PIECE_BYTES, |p: &PieceCvs| p.len() as u64 * 32 + PIECE_ENTRY_COST)),
         }
     }
 
@@ -210,33 +221,18 @@ impl ChunkLru {
     }
 
     pub fn get(&self, k: &ChunkKey) -> Option<(VerifiedChunk, Source)> {
-        self.inner.lock().unwrap().0.get(k).cloned()
+        self.inner.lock().unwrap().lru.get(k).cloned()
     }
 
     pub fn contains(&self, k: &ChunkKey) -> bool {
-        self.inner.lock().unwrap().0.contains(k)
+        self.inner.lock().unwrap().lru.contains(k)
     }
 
     pub fn insert(&self, k: ChunkKey, c: VerifiedChunk, src: Source) {
         if let Some(p) = c.pieces() {
             self.pieces.lock().unwrap().put(k, p.clone());
         }
-        let mut g = self.inner.lock().unwrap();
-        let (lru, bytes) = &mut *g;
-        let n = c.mem_cost() as u64;
-        if n > self.limit {
-            return;
-        }
-        if let Some((old, _)) = lru.put(k, (c, src)) {
-            *bytes -= old.mem_cost() as u64;
-        }
-        *bytes += n;
-        while *bytes > self.limit {
-            match lru.pop_lru() {
-                Some((_, (old, _))) => *bytes -= old.mem_cost() as u64,
-                None => break,
-            }
-        }
+        self.inner.lock().unwrap().put(k, (c, src));
     }
 
     /// Let go of chunks `idxs` of the file with root `root` cut at `chunk_log2` (a stream has
@@ -246,16 +242,13 @@ impl ChunkLru {
             return;
         }
         let mut g = self.inner.lock().unwrap();
-        let (lru, bytes) = &mut *g;
         for i in idxs {
-            if let Some((old, _)) = lru.pop(&(root, chunk_log2, i)) {
-                *bytes -= old.mem_cost() as u64;
-            }
+            g.pop(&(root, chunk_log2, i));
         }
     }
 
     pub fn bytes(&self) -> u64 {
-        self.inner.lock().unwrap().1
+        self.inner.lock().unwrap().bytes
     }
 }
 
