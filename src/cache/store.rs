@@ -652,7 +652,6 @@ fn apply(ix: &mut Index, r: Record) {
     }
 }
 
-/// `O_DIRECT` alignment of the cache's filesystem and whether `O_DIRECT` works there at all.
 /// Whether the cache's filesystem releases a punched range: Err only when it says it cannot
 /// (`EOPNOTSUPP`, `ENOSYS`: vfat, some network and FUSE filesystems); any other failure (a full
 /// disk) proves nothing, and the cache deals with it when it happens.
@@ -680,6 +679,7 @@ thread_local! {
     pub(super) static PUNCH_UNSUPPORTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// `O_DIRECT` alignment of the cache's filesystem and whether `O_DIRECT` works there at all.
 fn probe_direct(dir: &Path, journal: &File) -> (usize, bool) {
     let align = disk::dio_align(journal);
     let probe = dir.join("data/.probe");

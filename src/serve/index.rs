@@ -63,11 +63,11 @@ const WRITE_BATCH: usize = 16 * 1024;
 
 type Key = (Version, u8);
 
-/// Persisted BLAKE3 trees of file versions, with a bounded set of open ones and a small pool of
-/// background hashing threads (at most one computation per `(version, chunk_log2)`).
 /// File versions waiting for a hashing thread (or being hashed) at most.
 const MAX_PENDING: usize = 256;
 
+/// Persisted BLAKE3 trees of file versions, with a bounded set of open ones and a small pool of
+/// background hashing threads (at most one computation per `(version, chunk_log2)`).
 pub struct HashIndex {
     shared: Arc<Shared>,
 }
