@@ -211,6 +211,45 @@ stop_pid() {
     return 0
 }
 
+# wait_until TENTHS CMD...: run CMD every 0.1 s until it succeeds, at most TENTHS times; its
+# last status.
+wait_until() {
+    local n=$1 i
+    shift
+    for ((i = 0; i < n; i++)); do
+        "$@" && return 0
+        sleep 0.1
+    done
+    "$@"
+}
+
+# daemon_gone MNT: no wraith-mount serves MNT any more and it is not mounted.
+daemon_gone() { [ -z "$(pids_with_arg "$1")" ] && ! mountpoint -q "$1"; }
+
+# pid_gone PID: the process has exited.
+pid_gone() { ! kill -0 "$1" 2>/dev/null; }
+
+# sigterm_daemon NAME MNT SECS: SIGTERM to MNT's mount daemon; it must unmount and exit within
+# SECS. On failure it is killed and MNT detached.
+sigterm_daemon() {
+    local name=$1 mnt=$2 secs=$3 dpids t0
+    dpids=$(pids_with_arg "$mnt")
+    if [ -z "$dpids" ]; then
+        not_ok "$name" "no wraith-mount process for $mnt"
+        umount_ok "$name" "$mnt"
+        return
+    fi
+    t0=$(now)
+    kill -TERM $dpids 2>/dev/null
+    if wait_until $((secs * 10)) daemon_gone "$mnt"; then
+        ok "$name ($(elapsed "$t0") s)"
+    else
+        not_ok "$name" "after $secs s: pids '$(pids_with_arg "$mnt")', mounted: $(mountpoint -q "$mnt" && echo yes || echo no)"
+        kill -KILL $(pids_with_arg "$mnt") 2>/dev/null
+        umount -l "$mnt" 2>/dev/null
+    fi
+}
+
 # unmount MNT: umount, falling back to a lazy unmount; never hangs.
 unmount() {
     local m=$1

@@ -674,7 +674,7 @@ suite_gone() {
 # A hard mount keeps retrying while the server is gone, Ctrl-C (SIGINT) interrupts the waiting
 # reader, and the mount works again by itself once the server is back on the same port.
 suite_hard() {
-    local M=$WORK/cli/hard port pid rpid i t0 el rc f="chunk/size-$((2 * CHUNK + 7))"
+    local M=$WORK/cli/hard port pid rpid t0 f="chunk/size-$((2 * CHUNK + 7))"
     port=$(free_udp_port)
     serve hard "" 127.0.0.1 "$port" --key "$KEY" --state-dir "$WORK/state/hard" --export "tree=$SRC" || return
     pid=$SERVER_PID
@@ -698,16 +698,11 @@ suite_hard() {
     # ...and Ctrl-C interrupts it.
     t0=$(now)
     kill -INT "$rpid" 2>/dev/null
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$rpid" 2>/dev/null || break
-        sleep 0.1
-    done
-    el=$(elapsed "$t0")
-    if kill -0 "$rpid" 2>/dev/null; then
+    if wait_until 100 pid_gone "$rpid"; then
+        ok "hard: SIGINT interrupts the waiting read ($(elapsed "$t0") s)"
+    else
         not_ok "hard: SIGINT interrupts the waiting read" "still waiting 10 s after SIGINT"
         kill -KILL "$rpid" 2>/dev/null
-    else
-        ok "hard: SIGINT interrupts the waiting read (${el} s)"
     fi
     wait "$rpid" 2>/dev/null
     # The server comes back on the same port: the same mount serves again, with no remount.
@@ -715,24 +710,7 @@ suite_hard() {
     pid=$SERVER_PID
     check "hard: after the server returns, the mount reads again (cmp)" timeout 60 cmp "$SRC/$f" "$M/$f"
     # SIGTERM to the mount daemon: it unmounts and exits by itself.
-    local dpids
-    dpids=$(pids_with_arg "$M")
-    if [ -z "$dpids" ]; then
-        not_ok "hard: SIGTERM to the mount daemon unmounts it" "no wraith-mount process for $M"
-        umount_ok hard "$M"
-    else
-        kill -TERM $dpids
-        for ((i = 0; i < 100; i++)); do
-            [ -z "$(pids_with_arg "$M")" ] && ! mountpoint -q "$M" && break
-            sleep 0.1
-        done
-        if [ -z "$(pids_with_arg "$M")" ] && ! mountpoint -q "$M"; then
-            ok "hard: SIGTERM to the mount daemon unmounts it and it exits"
-        else
-            not_ok "hard: SIGTERM to the mount daemon unmounts it" "after 10 s: pids '$(pids_with_arg "$M")', mounted: $(mountpoint -q "$M" && echo yes || echo no)"
-            umount -l "$M" 2>/dev/null
-        fi
-    fi
+    sigterm_daemon "hard: SIGTERM to the mount daemon unmounts it and it exits" "$M" 10
     # SIGTERM while the server is gone and reads wait for it: the daemon stops retrying (the
     # reader gets an error), unmounts and exits. Before, its FUSE and prefetch threads retried
     # for ever and the daemon never exited.
@@ -742,31 +720,12 @@ suite_hard() {
         rpid=$!
         sleep 3
         check "hard: a read waits while the server is gone (before SIGTERM)" kill -0 "$rpid"
-        dpids=$(pids_with_arg "$M")
-        t0=$(now)
-        kill -TERM $dpids 2>/dev/null
-        for ((i = 0; i < 200; i++)); do
-            [ -z "$(pids_with_arg "$M")" ] && ! mountpoint -q "$M" && break
-            sleep 0.1
-        done
-        el=$(elapsed "$t0")
-        if [ -z "$(pids_with_arg "$M")" ] && ! mountpoint -q "$M"; then
-            ok "hard: SIGTERM with the server gone and a read waiting: the daemon unmounts and exits (${el} s)"
+        sigterm_daemon "hard: SIGTERM with the server gone and a read waiting: the daemon unmounts and exits" "$M" 20
+        if wait_until 50 pid_gone "$rpid"; then
+            ok "hard: the waiting read ended with the daemon ($(last_line "$WORK/logs/hard-cat2.out"))"
         else
-            not_ok "hard: SIGTERM with the server gone and a read waiting: the daemon unmounts and exits" \
-                "after 20 s: pids '$(pids_with_arg "$M")', mounted: $(mountpoint -q "$M" && echo yes || echo no)"
-            kill -KILL $(pids_with_arg "$M") 2>/dev/null
-            umount -l "$M" 2>/dev/null
-        fi
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$rpid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$rpid" 2>/dev/null; then
             not_ok "hard: the waiting read ended with the daemon" "still running"
             kill -KILL "$rpid" 2>/dev/null
-        else
-            ok "hard: the waiting read ended with the daemon ($(last_line "$WORK/logs/hard-cat2.out"))"
         fi
         wait "$rpid" 2>/dev/null
     fi
