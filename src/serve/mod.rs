@@ -10,7 +10,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -61,6 +61,20 @@ pub struct Handler {
     exports: Exports,
     index: HashIndex,
     files: Mutex<lru::LruCache<FileKey, Arc<OpenFile>>>,
+    /// Workers waiting (up to [`HASH_WAIT`]) for a file to be hashed, and how many may: the
+    /// others answer BUSY at once (the client asks again 200 ms later), so that opens of big
+    /// new files never hold every worker while other requests queue behind them.
+    hash_waiters: AtomicUsize,
+    max_hash_waiters: usize,
+}
+
+/// A worker's place among those that wait for hashing, given back on drop.
+struct HashWaiter<'a>(&'a AtomicUsize);
+
+impl Drop for HashWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn version_of(f: &std::fs::File) -> Option<crate::types::Version> {
@@ -78,7 +92,21 @@ fn version_of(f: &std::fs::File) -> Option<crate::types::Version> {
 impl Handler {
     pub fn new(exports: Exports, index: HashIndex) -> Self {
         let files = Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(OPEN_FILES).unwrap()));
-        Handler { exports, index, files }
+        Handler { exports, index, files, hash_waiters: AtomicUsize::new(0), max_hash_waiters: usize::MAX }
+    }
+
+    /// Let at most half of `workers` wait for hashing at once (none of a single worker).
+    fn set_workers(&mut self, workers: usize) {
+        self.max_hash_waiters = workers / 2;
+    }
+
+    /// The tree of `file` at `version`: waiting up to [`HASH_WAIT`] for it to be hashed if a
+    /// waiter's place is free, else answering BUSY at once if it is not ready.
+    fn tree(&self, file: Arc<std::fs::File>, version: crate::types::Version, chunk_log2: u8) -> Result<Arc<index::FileTree>, Error> {
+        let taken = self.hash_waiters.fetch_add(1, Ordering::Relaxed);
+        let _place = HashWaiter(&self.hash_waiters);
+        let wait = if taken < self.max_hash_waiters { HASH_WAIT } else { Duration::ZERO };
+        self.index.get(file, version, chunk_log2, wait)
     }
 
     /// The file at `path` if it still is `version`: from the open-file cache when its descriptor
@@ -164,7 +192,7 @@ impl Handler {
             Request::Cvs { share, path, version, first, count } => {
                 let s = self.share(&share)?;
                 let file = self.file_at_version(s, &path, version)?;
-                let tree = self.index.get(file.buffered.clone(), version, self.exports.chunk_log2(s), HASH_WAIT)?;
+                let tree = self.tree(file.buffered.clone(), version, self.exports.chunk_log2(s))?;
                 let leaves = tree.leaves(first, count.min(MAX_CVS) as u64).map_err(|e| Error::from_io(&e))?;
                 let proof = tree.prove(first, leaves.len() as u64).map_err(|e| Error::from_io(&e))?;
                 Response::Cvs { leaves, proof }
@@ -203,7 +231,7 @@ impl Handler {
             let root = *blake3::hash(&data).as_bytes();
             return Ok(Response::Opened { info: FileInfo { attr, root, chunk_log2 }, inline: Some(data) });
         }
-        let tree = self.index.get(Arc::new(file), attr.version(), chunk_log2, HASH_WAIT)?;
+        let tree = self.tree(Arc::new(file), attr.version(), chunk_log2)?;
         Ok(Response::Opened { info: FileInfo { attr, root: *tree.root().as_bytes(), chunk_log2 }, inline: None })
     }
 }
@@ -253,7 +281,8 @@ pub fn serve_socket(sock: UdpSocket, handler: Handler, psk: [u8; 32], workers: u
 }
 
 /// Serve over any datagram path (UDP socket, AF_XDP).
-pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], workers: usize, stop: Arc<AtomicBool>) -> io::Result<()> {
+pub fn serve_io(io: Arc<dyn DatagramIo>, mut handler: Handler, psk: [u8; 32], workers: usize, stop: Arc<AtomicBool>) -> io::Result<()> {
+    handler.set_workers(workers.max(1));
     let handler = Arc::new(handler);
     let (tx, rx): (SyncSender<Job>, Receiver<Job>) = sync_channel(4096);
     let rx = Arc::new(Mutex::new(rx));
@@ -392,6 +421,37 @@ mod tests {
         assert!(big_bytes <= small_bytes + 7 * 32 + 16, "{big_bytes} vs {small_bytes}");
         // All 65,536 values would be 2 MiB.
         assert!(big_bytes < 40 << 10);
+    }
+
+    /// While as many workers wait for hashing as may, an OPEN of a file not hashed yet is
+    /// answered BUSY at once instead of holding one more worker for up to 1.5 s; with a place
+    /// free it waits for the tree. Places are given back.
+    #[test]
+    fn only_half_the_workers_wait_for_hashing() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("data")).unwrap();
+        for name in ["a", "b"] {
+            std::fs::File::create(d.path().join("data").join(name)).unwrap().set_len(64 << 20).unwrap();
+        }
+        let mut h = handler(d.path(), "256K");
+        h.set_workers(4);
+        assert_eq!(h.max_hash_waiters, 2);
+        let open_once = |name: &str| h.handle(Request::Open { share: "s".into(), path: name.as_bytes().to_vec() });
+        // Two workers are waiting already.
+        h.hash_waiters.store(2, Ordering::Relaxed);
+        let t0 = Instant::now();
+        assert!(matches!(open_once("a"), Response::Error(Error::Busy)), "the third waiter is told BUSY");
+        assert!(t0.elapsed() < Duration::from_millis(500), "at once: {:?}", t0.elapsed());
+        assert_eq!(h.hash_waiters.load(Ordering::Relaxed), 2, "its place is given back");
+        // One of them is done: the next one waits for its tree.
+        h.hash_waiters.store(1, Ordering::Relaxed);
+        assert!(matches!(open_once("b"), Response::Opened { .. }), "a waiter with a place gets the tree");
+        assert_eq!(h.hash_waiters.load(Ordering::Relaxed), 1);
+        // The file answered BUSY was hashed meanwhile.
+        assert_eq!(open(&h, "a").attr.size, 64 << 20);
+        // A single worker never waits.
+        h.set_workers(1);
+        assert_eq!(h.max_hash_waiters, 0);
     }
 
     /// A path that holds the receive callback's return, once it found a request authentic,
