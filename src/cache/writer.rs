@@ -18,7 +18,7 @@ use super::store::{disk_span, round_up, Shared};
 use super::Stats;
 use crate::chunk::{Buf, Geometry, VerifiedChunk};
 use crate::sys::disk;
-use crate::sys::uring::Op;
+use crate::sys::uring::{Done, Op};
 
 pub(super) enum WMsg {
     /// Write an admitted (reserved) chunk.
@@ -78,7 +78,20 @@ struct Writer {
     regrow_checked: Instant,
     /// The journal's length after the last whole append (None: unknown).
     journal_len: Option<u64>,
+    /// Writes made ready in this pass, submitted together at its end.
+    ops: Vec<(Op, Done)>,
+    /// A message woke this thread from its sleep: pause once before sleeping again.
+    active: bool,
 }
+
+/// How long the writer pauses between passes while busy, and how many pauses that find nothing
+/// it makes before it sleeps until the next message. A write starts up to a pause late; the
+/// writes admitted but not done stay bounded by the store (`MAX_WRITES`, `MAX_WRITE_BYTES`).
+const PAUSE: Duration = Duration::from_millis(1);
+const PAUSES_BEFORE_SLEEP: u32 = 3;
+
+/// Writes submitted to the io_uring thread at once at most.
+const OPS_BATCH: usize = 64;
 
 /// How long the writer waits without work before it gives back the room it allocated ahead.
 const IDLE_GIVE_BACK: Duration = Duration::from_secs(2);
@@ -110,44 +123,65 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
         regrow_checked: Instant::now(),
         journal_len: journal.metadata().ok().map(|m| m.len()),
         journal,
+        ops: Vec::new(),
+        active: false,
     };
     let mut stopping = false;
+    // Pauses in a row that found nothing new (see PAUSE).
+    let mut empty_pauses = 0;
     loop {
         if stopping && w.inflight == 0 {
             w.give_back_all();
             w.flush_journal();
             return;
         }
-        let msg = if w.pending.is_empty() && w.flushes.is_empty() {
-            // Room allocated ahead is not held by an idle writer: a stream that stopped (a file
-            // read in part) gives it back after a while without writes.
-            match rx.recv_timeout(IDLE_GIVE_BACK) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => {
-                    w.give_back_all();
-                    w.regrow();
-                    continue;
+        match rx.try_recv() {
+            Ok(m) => {
+                w.handle(m, &mut stopping);
+                empty_pauses = 0;
+                if w.ops.len() >= OPS_BATCH {
+                    w.submit_ops();
                 }
-                Err(RecvTimeoutError::Disconnected) => return,
+                continue;
             }
-        } else {
-            match rx.try_recv() {
-                Ok(m) => m,
-                Err(TryRecvError::Empty) => {
-                    w.flush_journal();
-                    if w.inflight == 0 {
-                        for f in w.flushes.drain(..) {
-                            let _ = f.send(());
-                        }
-                    } else if let Ok(m) = rx.recv() {
-                        w.handle(m, &mut stopping);
-                    }
-                    continue;
-                }
-                Err(TryRecvError::Disconnected) => return,
+            Err(TryRecvError::Disconnected) => {
+                w.submit_ops();
+                return;
             }
-        };
-        w.handle(msg, &mut stopping);
+            Err(TryRecvError::Empty) => {}
+        }
+        // Everything queued is handled: submit its writes together, record what completed.
+        w.submit_ops();
+        w.flush_journal();
+        if w.inflight == 0 {
+            for f in w.flushes.drain(..) {
+                let _ = f.send(());
+            }
+        }
+        // While chunks stream in (a file being read) or writes are under way, pause instead of
+        // sleeping until the next message: each message would wake this thread (two per chunk,
+        // the chunk and its completion), and the io_uring thread once per write, which in a
+        // cold read cost more than the writing. After a pause, one pass takes what came.
+        if empty_pauses < PAUSES_BEFORE_SLEEP && (w.inflight > 0 || empty_pauses > 0 || w.active) {
+            std::thread::sleep(PAUSE);
+            empty_pauses += 1;
+            w.active = false;
+            continue;
+        }
+        empty_pauses = 0;
+        // Room allocated ahead is not held by an idle writer: a stream that stopped (a file
+        // read in part) gives it back after a while without writes.
+        match rx.recv_timeout(IDLE_GIVE_BACK) {
+            Ok(m) => {
+                w.handle(m, &mut stopping);
+                w.active = true;
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                w.give_back_all();
+                w.regrow();
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
     }
 }
 
@@ -209,12 +243,19 @@ impl Writer {
         let pieces = chunk.pieces().map(|p| p.to_bytes());
         let op = Op::Write { file, offset: g.chunk_offset(idx), data: Box::new(ChunkBytes(chunk)), padded };
         self.inflight += 1;
-        self.sh.io.submit(
+        self.ops.push((
             op,
             Box::new(move |r| {
                 let _ = me.send(WMsg::Done { root, meta, idx, rec, padded, file: f2, pieces, result: r.map(|_| ()) });
             }),
-        );
+        ));
+    }
+
+    /// Hand the writes made ready to the io_uring thread, in one message and one wake-up.
+    fn submit_ops(&mut self) {
+        if !self.ops.is_empty() {
+            self.sh.io.submit_many(std::mem::take(&mut self.ops));
+        }
     }
 
     /// Allocate the blocks chunk `idx` is written to: its own, or its whole group while the
