@@ -135,6 +135,19 @@ impl Index {
         self.files.get(root).is_some_and(|f| f.chunks.contains_key(&idx))
     }
 
+    /// The chunks of `root` present in `range`, in order: one lookup of the file, then whichever
+    /// is fewer, the range or the file's chunks.
+    pub fn present_in(&self, root: &Root, range: std::ops::Range<u64>) -> Vec<u64> {
+        let Some(f) = self.files.get(root) else { return Vec::new() };
+        if (f.chunks.len() as u64) < range.end.saturating_sub(range.start) {
+            let mut v: Vec<u64> = f.chunks.keys().copied().filter(|i| range.contains(i)).collect();
+            v.sort_unstable();
+            v
+        } else {
+            range.filter(|i| f.chunks.contains_key(i)).collect()
+        }
+    }
+
     /// Chunk `idx` is present or being written (its piece values are or will be in use).
     pub fn holds(&self, root: &Root, idx: u64) -> bool {
         self.files.get(root).is_some_and(|f| f.chunks.contains_key(&idx) || f.reserving.contains(&idx))
@@ -525,6 +538,25 @@ mod tests {
         assert!(!ev[0].file_empty);
         assert!(ix.used() <= ix.limit());
         assert!(ix.contains(&[1; 32], 0) && !ix.contains(&[1; 32], 1));
+    }
+
+    /// `present_in` answers as `contains` per chunk would, in order, whichever way it looks
+    /// (over the range, or over the file's chunks when they are fewer).
+    #[test]
+    fn present_in_is_contains_over_a_range() {
+        let mut ix = Index::new(10 * 4096, 4096);
+        for i in [1, 3, 4, 7] {
+            put(&mut ix, 1, i);
+        }
+        assert!(matches!(ix.reserve(&[1; 32], M, 5, 4096), Admit::Yes(_)), "reserved, not present");
+        #[allow(clippy::reversed_empty_ranges)]
+        for range in [0..10, 2..5, 4..5, 5..7, 8..100, 0..0, 6..2] {
+            let want: Vec<u64> = range.clone().filter(|&i| ix.contains(&[1; 32], i)).collect();
+            assert_eq!(ix.present_in(&[1; 32], range.clone()), want, "{range:?}");
+        }
+        assert_eq!(ix.present_in(&[1; 32], 0..3), vec![1], "range shorter than the file's chunks");
+        assert_eq!(ix.present_in(&[1; 32], 0..1000), vec![1, 3, 4, 7], "file's chunks fewer than the range");
+        assert!(ix.present_in(&[2; 32], 0..10).is_empty(), "a file not cached");
     }
 
     #[test]

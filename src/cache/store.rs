@@ -215,6 +215,11 @@ impl Store {
         self.shared.index.lock().unwrap().contains(root, idx)
     }
 
+    /// The chunks of `root` in `range` that are on disk, in order (one look at the index).
+    pub fn present_in(&self, root: &Root, range: std::ops::Range<u64>) -> Vec<u64> {
+        self.shared.index.lock().unwrap().present_in(root, range)
+    }
+
     /// Fraction of the file's chunks on local disk.
     pub fn fraction(&self, root: &Root, geom: &Geometry) -> f64 {
         let ix = self.shared.index.lock().unwrap();

@@ -283,17 +283,28 @@ pub fn read(fs: &Fs, ctx: Ctx, h: &Arc<Handle>, offset: u64, size: u32) -> Resul
     let n = h.geom.n_chunks();
     let mut from_disk = Vec::new();
     let reach = if fs.disk.is_some() { window } else { net_window };
-    for c in last + 1..(last + 1 + reach).min(n) {
+    let ahead = last + 1..(last + 1 + reach).min(n);
+    // What the disk cache holds of the window, asked once: beyond the network's part, only those
+    // chunks have anything to do. (Asking per chunk, with the memory cache and the fetches in
+    // flight looked up first, was ~400 lookups and locks per FUSE read in a cold read filling
+    // the cache: ~0.1 CPU-s per GiB.)
+    let on_disk = fs.disk.as_ref().map(|d| d.present_in(&h.info.root, ahead.clone())).unwrap_or_default();
+    let mut disk_next = on_disk.iter().peekable();
+    for c in ahead {
+        let held = disk_next.next_if_eq(&&c).is_some();
+        if !held && c > last + net_window {
+            continue;
+        }
         let key = ckey(h, c);
         if fs.chunks.contains(&key) || fs.chunk_flight.is_inflight(&key) {
             continue;
         }
-        if fs.disk.as_ref().is_some_and(|d| d.contains(&h.info.root, c)) {
+        if held {
             // Chunks the disk cache holds are read together, claimed once a batch is due.
             if !fs.prefetch.claimed(&key) {
                 from_disk.push(c)
             }
-        } else if c <= last + net_window && fs.prefetch.claim(key) {
+        } else if fs.prefetch.claim(key) {
             fs.prefetch.push(Job::One(h.clone(), c))
         }
     }
