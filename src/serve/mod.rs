@@ -100,13 +100,20 @@ impl Handler {
         self.max_hash_waiters = workers / 2;
     }
 
-    /// The tree of `file` at `version`: waiting up to [`HASH_WAIT`] for it to be hashed if a
-    /// waiter's place is free, else answering BUSY at once if it is not ready.
+    /// The tree of `file` at `version`: at once if it is known (in memory or stored); else,
+    /// once its hashing is queued, waiting up to [`HASH_WAIT`] for it if a waiter's place is
+    /// free, or BUSY at once. Only a worker that waits holds a place.
     fn tree(&self, file: Arc<std::fs::File>, version: crate::types::Version, chunk_log2: u8) -> Result<Arc<index::FileTree>, Error> {
+        match self.index.get(file.clone(), version, chunk_log2, Duration::ZERO) {
+            Err(Error::Busy) => {}
+            known => return known,
+        }
         let taken = self.hash_waiters.fetch_add(1, Ordering::Relaxed);
         let _place = HashWaiter(&self.hash_waiters);
-        let wait = if taken < self.max_hash_waiters { HASH_WAIT } else { Duration::ZERO };
-        self.index.get(file, version, chunk_log2, wait)
+        if taken >= self.max_hash_waiters {
+            return Err(Error::Busy);
+        }
+        self.index.get(file, version, chunk_log2, HASH_WAIT)
     }
 
     /// The file at `path` if it still is `version`: from the open-file cache when its descriptor
@@ -447,8 +454,11 @@ mod tests {
         h.hash_waiters.store(1, Ordering::Relaxed);
         assert!(matches!(open_once("b"), Response::Opened { .. }), "a waiter with a place gets the tree");
         assert_eq!(h.hash_waiters.load(Ordering::Relaxed), 1);
-        // The file answered BUSY was hashed meanwhile.
+        // The file answered BUSY was hashed meanwhile; a known tree needs no place.
         assert_eq!(open(&h, "a").attr.size, 64 << 20);
+        h.hash_waiters.store(2, Ordering::Relaxed);
+        assert!(matches!(open_once("a"), Response::Opened { .. }), "a known tree is answered with every place taken");
+        assert_eq!(h.hash_waiters.load(Ordering::Relaxed), 2);
         // A single worker never waits.
         h.set_workers(1);
         assert_eq!(h.max_hash_waiters, 0);
