@@ -45,7 +45,7 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,10 @@ struct Shared {
     max_workers: usize,
     /// Versions waiting to be hashed or being hashed at most; each holds its file open.
     max_pending: usize,
+    /// Callers waiting for a version being hashed, and how many may: the others are answered
+    /// BUSY at once (see [`HashIndex::set_max_waiters`]).
+    waiters: AtomicUsize,
+    max_waiters: AtomicUsize,
     /// Bytes read from source files for hashing (tests use it to tell a load from a rebuild).
     hashed_bytes: AtomicU64,
     /// The version each (dev, ino, chunk_log2) was last served at: trees of others are stale.
@@ -137,6 +141,8 @@ impl HashIndex {
                 }),
                 max_workers: cores.clamp(1, 8),
                 max_pending: MAX_PENDING,
+                waiters: AtomicUsize::new(0),
+                max_waiters: AtomicUsize::new(usize::MAX),
                 hashed_bytes: AtomicU64::new(0),
                 current: Mutex::new(LruCache::new(NonZeroUsize::new(CURRENT_ENTRIES).expect("nonzero"))),
                 collected: AtomicU64::new(0),
@@ -196,7 +202,7 @@ impl HashIndex {
             if let Some(job) = st.pending.get(&key).cloned() {
                 Shared::ensure_workers(shared, &mut st);
                 drop(st);
-                return job.wait(wait);
+                return shared.wait(&job, wait);
             }
         }
         // Loading a persisted tree is a few small reads: do it here, not in the queue.
@@ -229,7 +235,29 @@ impl HashIndex {
             Shared::ensure_workers(shared, &mut st);
             job
         };
-        job.wait(wait)
+        shared.wait(&job, wait)
+    }
+
+    /// Let at most `n` callers of [`HashIndex::get`] wait for hashing at once; the others get
+    /// BUSY at once when the tree is not ready (a known tree never waits). The server lets half
+    /// of its workers wait, so that opens of big new files never hold every worker while other
+    /// requests queue behind them.
+    pub fn set_max_waiters(&self, n: usize) {
+        self.shared.max_waiters.store(n, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn max_waiters(&self) -> usize {
+        self.shared.max_waiters.load(Ordering::Relaxed)
+    }
+}
+
+/// A caller's place among those that wait for hashing, given back on drop.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -259,6 +287,15 @@ impl Job {
 }
 
 impl Shared {
+    /// Wait up to `wait` for `job`, if a waiter's place is free; else only take its result if
+    /// it is there.
+    fn wait(&self, job: &Job, wait: Duration) -> Result<Arc<FileTree>, Error> {
+        let taken = self.waiters.fetch_add(1, Ordering::Relaxed);
+        let _place = Waiting(&self.waiters);
+        let wait = if taken < self.max_waiters.load(Ordering::Relaxed) { wait } else { Duration::ZERO };
+        job.wait(wait)
+    }
+
     fn tree_path(&self, key: &Key) -> PathBuf {
         self.dir.join(format!("{}.tree", key_name(key)))
     }

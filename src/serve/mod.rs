@@ -10,7 +10,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -61,20 +61,6 @@ pub struct Handler {
     exports: Exports,
     index: HashIndex,
     files: Mutex<lru::LruCache<FileKey, Arc<OpenFile>>>,
-    /// Workers waiting (up to [`HASH_WAIT`]) for a file to be hashed, and how many may: the
-    /// others answer BUSY at once (the client asks again 200 ms later), so that opens of big
-    /// new files never hold every worker while other requests queue behind them.
-    hash_waiters: AtomicUsize,
-    max_hash_waiters: usize,
-}
-
-/// A worker's place among those that wait for hashing, given back on drop.
-struct HashWaiter<'a>(&'a AtomicUsize);
-
-impl Drop for HashWaiter<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 fn version_of(f: &std::fs::File) -> Option<crate::types::Version> {
@@ -92,28 +78,13 @@ fn version_of(f: &std::fs::File) -> Option<crate::types::Version> {
 impl Handler {
     pub fn new(exports: Exports, index: HashIndex) -> Self {
         let files = Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(OPEN_FILES).unwrap()));
-        Handler { exports, index, files, hash_waiters: AtomicUsize::new(0), max_hash_waiters: usize::MAX }
+        Handler { exports, index, files }
     }
 
-    /// Let at most half of `workers` wait for hashing at once (none of a single worker).
-    fn set_workers(&mut self, workers: usize) {
-        self.max_hash_waiters = workers / 2;
-    }
-
-    /// The tree of `file` at `version`: at once if it is known (in memory or stored); else,
-    /// once its hashing is queued, waiting up to [`HASH_WAIT`] for it if a waiter's place is
-    /// free, or BUSY at once. Only a worker that waits holds a place.
-    fn tree(&self, file: Arc<std::fs::File>, version: crate::types::Version, chunk_log2: u8) -> Result<Arc<index::FileTree>, Error> {
-        match self.index.get(file.clone(), version, chunk_log2, Duration::ZERO) {
-            Err(Error::Busy) => {}
-            known => return known,
-        }
-        let taken = self.hash_waiters.fetch_add(1, Ordering::Relaxed);
-        let _place = HashWaiter(&self.hash_waiters);
-        if taken >= self.max_hash_waiters {
-            return Err(Error::Busy);
-        }
-        self.index.get(file, version, chunk_log2, HASH_WAIT)
+    /// At most half of `workers` wait for hashing at once (none of a single worker): the others
+    /// answer BUSY at once and the client asks again 200 ms later.
+    fn set_workers(&self, workers: usize) {
+        self.index.set_max_waiters(workers / 2);
     }
 
     /// The file at `path` if it still is `version`: from the open-file cache when its descriptor
@@ -199,7 +170,7 @@ impl Handler {
             Request::Cvs { share, path, version, first, count } => {
                 let s = self.share(&share)?;
                 let file = self.file_at_version(s, &path, version)?;
-                let tree = self.tree(file.buffered.clone(), version, self.exports.chunk_log2(s))?;
+                let tree = self.index.get(file.buffered.clone(), version, self.exports.chunk_log2(s), HASH_WAIT)?;
                 let leaves = tree.leaves(first, count.min(MAX_CVS) as u64).map_err(|e| Error::from_io(&e))?;
                 let proof = tree.prove(first, leaves.len() as u64).map_err(|e| Error::from_io(&e))?;
                 Response::Cvs { leaves, proof }
@@ -238,7 +209,7 @@ impl Handler {
             let root = *blake3::hash(&data).as_bytes();
             return Ok(Response::Opened { info: FileInfo { attr, root, chunk_log2 }, inline: Some(data) });
         }
-        let tree = self.tree(Arc::new(file), attr.version(), chunk_log2)?;
+        let tree = self.index.get(Arc::new(file), attr.version(), chunk_log2, HASH_WAIT)?;
         Ok(Response::Opened { info: FileInfo { attr, root: *tree.root().as_bytes(), chunk_log2 }, inline: None })
     }
 }
@@ -288,7 +259,7 @@ pub fn serve_socket(sock: UdpSocket, handler: Handler, psk: [u8; 32], workers: u
 }
 
 /// Serve over any datagram path (UDP socket, AF_XDP).
-pub fn serve_io(io: Arc<dyn DatagramIo>, mut handler: Handler, psk: [u8; 32], workers: usize, stop: Arc<AtomicBool>) -> io::Result<()> {
+pub fn serve_io(io: Arc<dyn DatagramIo>, handler: Handler, psk: [u8; 32], workers: usize, stop: Arc<AtomicBool>) -> io::Result<()> {
     handler.set_workers(workers.max(1));
     let handler = Arc::new(handler);
     let (tx, rx): (SyncSender<Job>, Receiver<Job>) = sync_channel(4096);
@@ -430,38 +401,17 @@ mod tests {
         assert!(big_bytes < 40 << 10);
     }
 
-    /// While as many workers wait for hashing as may, an OPEN of a file not hashed yet is
-    /// answered BUSY at once instead of holding one more worker for up to 1.5 s; with a place
-    /// free it waits for the tree. Places are given back.
+    /// Half of the workers may wait for hashing (`HashIndex::set_max_waiters`, tested there);
+    /// a single worker never waits.
     #[test]
     fn only_half_the_workers_wait_for_hashing() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("data")).unwrap();
-        for name in ["a", "b"] {
-            std::fs::File::create(d.path().join("data").join(name)).unwrap().set_len(64 << 20).unwrap();
-        }
-        let mut h = handler(d.path(), "256K");
+        let h = handler(d.path(), "256K");
         h.set_workers(4);
-        assert_eq!(h.max_hash_waiters, 2);
-        let open_once = |name: &str| h.handle(Request::Open { share: "s".into(), path: name.as_bytes().to_vec() });
-        // Two workers are waiting already.
-        h.hash_waiters.store(2, Ordering::Relaxed);
-        let t0 = Instant::now();
-        assert!(matches!(open_once("a"), Response::Error(Error::Busy)), "the third waiter is told BUSY");
-        assert!(t0.elapsed() < Duration::from_millis(500), "at once: {:?}", t0.elapsed());
-        assert_eq!(h.hash_waiters.load(Ordering::Relaxed), 2, "its place is given back");
-        // One of them is done: the next one waits for its tree.
-        h.hash_waiters.store(1, Ordering::Relaxed);
-        assert!(matches!(open_once("b"), Response::Opened { .. }), "a waiter with a place gets the tree");
-        assert_eq!(h.hash_waiters.load(Ordering::Relaxed), 1);
-        // The file answered BUSY was hashed meanwhile; a known tree needs no place.
-        assert_eq!(open(&h, "a").attr.size, 64 << 20);
-        h.hash_waiters.store(2, Ordering::Relaxed);
-        assert!(matches!(open_once("a"), Response::Opened { .. }), "a known tree is answered with every place taken");
-        assert_eq!(h.hash_waiters.load(Ordering::Relaxed), 2);
-        // A single worker never waits.
+        assert_eq!(h.index.max_waiters(), 2);
         h.set_workers(1);
-        assert_eq!(h.max_hash_waiters, 0);
+        assert_eq!(h.index.max_waiters(), 0);
     }
 
     /// A path that holds the receive callback's return, once it found a request authentic,

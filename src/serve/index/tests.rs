@@ -429,6 +429,41 @@ fn trees_of_superseded_versions_are_collected() {
     assert!(index.shared.tree_path(&(v2, 10)).exists());
 }
 
+/// While as many callers wait for hashing as may, a version not hashed yet is answered BUSY at
+/// once instead of holding one more caller (a server worker) for the whole wait; with a place
+/// free the caller waits for the tree; a known tree needs no place. Places are given back.
+#[test]
+fn only_so_many_callers_wait_for_hashing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index = HashIndex::open(&tmp.path().join("state")).unwrap();
+    index.set_max_waiters(2);
+    let [a, b] = ["a", "b"].map(|name| {
+        let p = tmp.path().join(name);
+        File::create(&p).unwrap().set_len(64 << 20).unwrap();
+        let f = File::open(&p).unwrap();
+        let v = version_of(&f.metadata().unwrap());
+        (Arc::new(f), v)
+    });
+    let wait = Duration::from_millis(1500);
+    let waiters = &index.shared.waiters;
+    // Two callers are waiting already.
+    waiters.store(2, Ordering::Relaxed);
+    let t0 = Instant::now();
+    assert!(matches!(index.get(a.0.clone(), a.1, 18, wait), Err(Error::Busy)), "the third waiter is told BUSY");
+    assert!(t0.elapsed() < Duration::from_millis(500), "at once: {:?}", t0.elapsed());
+    assert_eq!(waiters.load(Ordering::Relaxed), 2, "its place is given back");
+    // One of them is done: the next one waits for its tree.
+    waiters.store(1, Ordering::Relaxed);
+    assert!(index.get(b.0.clone(), b.1, 18, wait).is_ok(), "a waiter with a place gets the tree");
+    assert_eq!(waiters.load(Ordering::Relaxed), 1);
+    // The version answered BUSY was hashed meanwhile; a known tree needs no place.
+    waiters.store(0, Ordering::Relaxed);
+    assert_eq!(index.get(a.0.clone(), a.1, 18, LONG).unwrap().geom.size, 64 << 20);
+    waiters.store(2, Ordering::Relaxed);
+    assert!(index.get(a.0.clone(), a.1, 18, wait).is_ok(), "a known tree is answered with every place taken");
+    assert_eq!(waiters.load(Ordering::Relaxed), 2);
+}
+
 /// Versions waiting to be hashed are bounded (each holds its file open): past the bound, a new
 /// one is answered BUSY without being queued, and is hashed once asked again with room.
 #[test]
