@@ -211,6 +211,7 @@ impl Store {
         (ix.chunks() as u64, ix.used(), ix.limit())
     }
 
+    #[cfg(test)]
     pub fn contains(&self, root: &Root, idx: u64) -> bool {
         self.shared.index.lock().unwrap().contains(root, idx)
     }

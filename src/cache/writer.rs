@@ -80,8 +80,6 @@ struct Writer {
     journal_len: Option<u64>,
     /// Writes made ready in this pass, submitted together at its end.
     ops: Vec<(Op, Done)>,
-    /// A message woke this thread from its sleep: pause once before sleeping again.
-    active: bool,
 }
 
 /// How long the writer pauses between passes while busy, and how many pauses that find nothing
@@ -124,7 +122,6 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
         journal_len: journal.metadata().ok().map(|m| m.len()),
         journal,
         ops: Vec::new(),
-        active: false,
     };
     let mut stopping = false;
     // Pauses in a row that found nothing new (see PAUSE).
@@ -162,20 +159,16 @@ pub(super) fn run(sh: Arc<Shared>, rx: Receiver<WMsg>, me: Sender<WMsg>, journal
         // sleeping until the next message: each message would wake this thread (two per chunk,
         // the chunk and its completion), and the io_uring thread once per write, which in a
         // cold read cost more than the writing. After a pause, one pass takes what came.
-        if empty_pauses < PAUSES_BEFORE_SLEEP && (w.inflight > 0 || empty_pauses > 0 || w.active) {
+        if empty_pauses < PAUSES_BEFORE_SLEEP && (w.inflight > 0 || empty_pauses > 0) {
             std::thread::sleep(PAUSE);
             empty_pauses += 1;
-            w.active = false;
             continue;
         }
         empty_pauses = 0;
         // Room allocated ahead is not held by an idle writer: a stream that stopped (a file
         // read in part) gives it back after a while without writes.
         match rx.recv_timeout(IDLE_GIVE_BACK) {
-            Ok(m) => {
-                w.handle(m, &mut stopping);
-                w.active = true;
-            }
+            Ok(m) => w.handle(m, &mut stopping),
             Err(RecvTimeoutError::Timeout) => {
                 w.give_back_all();
                 w.regrow();
