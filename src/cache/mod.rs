@@ -43,6 +43,8 @@ pub struct Stats {
     pub bytes_from_cache: AtomicU64,
     /// Partial reads: a few pieces of a chunk read and verified alone.
     pub span_reads: AtomicU64,
+    /// Of those, reads of a few 4 KiB blocks of a piece, verified against its block CVs.
+    pub block_reads: AtomicU64,
     pub chunks_written: AtomicU64,
     pub bytes_written: AtomicU64,
     /// Chunks not cached: no room, too many writes queued, or a write error (they streamed).

@@ -20,7 +20,7 @@ use super::index::{Admit, ChunkRec, Evicted, FileMeta, Index};
 use super::layout::{self, data_path, hex, Record, Root};
 use super::writer::{self, WMsg};
 use super::{CacheConfig, Stats};
-use crate::chunk::{Buf, Cv, Geometry, PieceCvs, VerifiedChunk, VerifiedSpan, PIECE_SIZE};
+use crate::chunk::{BlockCvs, Buf, Cv, Geometry, PieceCvs, VerifiedChunk, VerifiedSpan, BLOCK_SIZE, PIECE_SIZE};
 use crate::sys::disk;
 use crate::sys::uring::{IoConfig, IoCounts, IoThread, Mode, Op};
 
@@ -300,18 +300,49 @@ impl Store {
 
     /// Pieces `first..first + n` of chunk `idx`, read alone and verified against the chunk's
     /// piece CVs (from when it was verified whole); None is a miss (a damaged entry is dropped,
-    /// so the caller's whole-chunk path fetches it again).
+    /// so the caller's whole-chunk path fetches it again). The span keeps the block CVs it was
+    /// verified through, for [`Store::load_blocks`].
     pub fn load_span(&self, root: &Root, geom: &Geometry, pieces: &PieceCvs, first: usize, n: usize) -> Option<VerifiedSpan> {
-        let sh = &self.shared;
         let idx = pieces.index();
+        let what = || format!("pieces {first}..{}", first + n);
+        self.load_part(root, geom, idx, first * PIECE_SIZE..(first + n) * PIECE_SIZE, what, |data| VerifiedSpan::verify(geom, pieces, first, data))
+    }
+
+    /// Blocks `first..first + n` of one piece, read alone and verified against the piece's block
+    /// CVs (from when it was read as a piece): a random 4 KiB read reads 4 KiB, not the piece.
+    /// None is a miss, as for [`Store::load_span`]; blocks the piece does not have are one too
+    /// (and no fault of the entry's).
+    pub fn load_blocks(&self, root: &Root, geom: &Geometry, blocks: &BlockCvs, first: usize, n: usize) -> Option<VerifiedSpan> {
+        if n == 0 || first + n > blocks.len() {
+            return None;
+        }
+        let start = blocks.piece() * PIECE_SIZE + first * BLOCK_SIZE;
+        let what = || format!("blocks {first}..{} of piece {}", first + n, blocks.piece());
+        let s = self.load_part(root, geom, blocks.chunk(), start..start + n * BLOCK_SIZE, what, |data| VerifiedSpan::verify_blocks(geom, blocks, first, data))?;
+        Stats::add(&self.shared.stats.block_reads, 1);
+        Some(s)
+    }
+
+    /// Bytes `part` of chunk `idx` (cut at its end) read from disk and checked by `verify`; None
+    /// is a miss (a damaged entry, one that fails `verify`, is dropped).
+    fn load_part(
+        &self,
+        root: &Root,
+        geom: &Geometry,
+        idx: u64,
+        part: std::ops::Range<usize>,
+        what: impl FnOnce() -> String,
+        verify: impl FnOnce(Vec<u8>) -> Result<VerifiedSpan, crate::chunk::ChunkError>,
+    ) -> Option<VerifiedSpan> {
+        let sh = &self.shared;
         let p = self.prepare(root, geom, idx)?;
-        let start = first * PIECE_SIZE;
-        let len = (p.rec.len as usize).saturating_sub(start).min(n * PIECE_SIZE);
+        let start = part.start;
+        let len = (p.rec.len as usize).min(part.end).saturating_sub(start);
         if len == 0 {
             return None;
         }
-        // O_DIRECT: start and length on the block (a piece boundary is one unless the device's
-        // block is larger than a piece); the extra bytes in front are cut off below.
+        // O_DIRECT: start and length on the device's block (a 4 KiB boundary is one unless the
+        // device's block is larger); the extra bytes in front are cut off below.
         let lead = if p.direct { start % sh.align as usize } else { 0 };
         let read_len = if p.direct { round_up(lead + len, sh.align as usize) } else { len };
         let offset = geom.chunk_offset(idx) + (start - lead) as u64;
@@ -328,7 +359,7 @@ impl Store {
         };
         let mut data = self.read_result(root, idx, r, len)?.into_vec();
         data.truncate(len);
-        match VerifiedSpan::verify(geom, pieces, first, data) {
+        match verify(data) {
             Ok(s) => {
                 Stats::add(&sh.stats.span_reads, 1);
                 Stats::add(&sh.stats.bytes_from_cache, len as u64);
@@ -336,7 +367,7 @@ impl Store {
             }
             Err(e) => {
                 Stats::add(&sh.stats.verify_failures, 1);
-                self.damaged(root, idx, &format!("failed BLAKE3 verification of pieces {first}..{} ({e})", first + n));
+                self.damaged(root, idx, &format!("failed BLAKE3 verification of {} ({e})", what()));
                 None
             }
         }

@@ -324,6 +324,48 @@ fn a_span_of_pieces_is_read_alone_and_verified() {
 }
 
 #[test]
+fn a_block_of_a_piece_read_before_is_read_alone_and_verified() {
+    let d = tempfile::tempdir().unwrap();
+    // 64 KiB chunks; the last is 10,000 bytes: one short piece of three blocks, the last short.
+    let f = TestFile::new(3 * 65536 + 10_000, 6);
+    let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+    f.fill(&s);
+    let pieces = s.load(&f.root, &f.geom, 1, || Ok(f.cv(1))).unwrap().pieces().unwrap().clone();
+    let span = s.load_span(&f.root, &f.geom, &pieces, 2, 2).unwrap();
+    let blocks = span.block_cvs();
+    assert_eq!(blocks.iter().map(|b| (b.chunk(), b.piece())).collect::<Vec<_>>(), [(1, 2), (1, 3)]);
+    let from_cache = |s: &Store| s.stats().bytes_from_cache.load(Ordering::Relaxed);
+    let before = from_cache(&s);
+    let one = s.load_blocks(&f.root, &f.geom, &blocks[0], 1, 1).unwrap();
+    assert_eq!(one.offset(), 65536 + 2 * 16384 + 4096);
+    assert_eq!(one.bytes(), &f.slice(1)[2 * 16384 + 4096..2 * 16384 + 8192]);
+    assert_eq!(from_cache(&s) - before, 4096, "one block read, not the piece");
+    let three = s.load_blocks(&f.root, &f.geom, &blocks[1], 1, 3).unwrap();
+    assert_eq!(three.bytes(), &f.slice(1)[3 * 16384 + 4096..]);
+    assert!(s.load_blocks(&f.root, &f.geom, &blocks[1], 2, 3).is_none(), "past the piece");
+    assert!(s.load_blocks(&f.root, &f.geom, &blocks[0], 3, 2).is_none(), "past the piece, in the chunk");
+    assert!(s.contains(&f.root, 1), "a miss, not damage");
+    // The short last piece: its blocks are 4096, 4096 and 1,808 bytes.
+    let lp = s.load(&f.root, &f.geom, 3, || Ok(f.cv(3))).unwrap().pieces().unwrap().clone();
+    let tail = s.load_span(&f.root, &f.geom, &lp, 0, 1).unwrap().block_cvs()[0];
+    assert_eq!(s.load_blocks(&f.root, &f.geom, &tail, 2, 1).unwrap().bytes(), &f.slice(3)[8192..]);
+    assert_eq!(s.load_blocks(&f.root, &f.geom, &tail, 0, 3).unwrap().bytes(), f.slice(3));
+    assert_eq!(s.stats().block_reads.load(Ordering::Relaxed), 4);
+    // Damage block 0 of piece 2 of chunk 1: block 1 still reads; block 0 is a miss and drops the chunk.
+    {
+        use std::os::unix::fs::FileExt;
+        let file = OpenOptions::new().write(true).open(data_path(d.path(), &f.root)).unwrap();
+        file.write_all_at(b"zz", 65536 + 2 * 16384 + 100).unwrap();
+    }
+    assert_eq!(s.load_blocks(&f.root, &f.geom, &blocks[0], 1, 1).unwrap().bytes(), one.bytes());
+    let failures = s.stats().verify_failures.load(Ordering::Relaxed);
+    assert!(s.load_blocks(&f.root, &f.geom, &blocks[0], 0, 1).is_none());
+    assert_eq!(s.stats().verify_failures.load(Ordering::Relaxed), failures + 1);
+    assert!(!s.contains(&f.root, 1), "the damaged chunk was dropped");
+    assert!(s.load_blocks(&f.root, &f.geom, &blocks[0], 1, 1).is_none(), "and is a miss now");
+}
+
+#[test]
 fn piece_values_are_stored_beside_the_data_and_survive_a_reopen() {
     let d = tempfile::tempdir().unwrap();
     let f = TestFile::new(3 * 65536 + 10_000, 5);

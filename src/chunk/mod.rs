@@ -17,6 +17,9 @@
 //!   theirs. A chunk is verified through its pieces, and keeps their CVs ([`PieceCvs`]), so that later a
 //!   few pieces read back from disk can be verified alone ([`VerifiedSpan`]): a random 4 KiB read then
 //!   costs a 16 KiB read and hash instead of a whole chunk.
+//! - *block*: an aligned 4 KiB part of a piece ([`BLOCK_LOG2`]), a complete subtree again. A span is
+//!   verified through its pieces' blocks and keeps their CVs ([`BlockCvs`]), so that a later read of
+//!   a few blocks of one of those pieces reads and hashes only those.
 
 pub mod pool;
 mod tree;
@@ -43,6 +46,13 @@ pub const DEFAULT_CHUNK_LOG2: u8 = 18;
 /// pieces cost 2.4x).
 pub const PIECE_LOG2: u8 = 14;
 pub const PIECE_SIZE: usize = 1 << PIECE_LOG2;
+/// 4 KiB blocks: the complete subtrees of a piece at the size of a page and of a random read.
+/// A piece read back from disk is verified through its blocks, and their CVs ([`BlockCvs`]) let a
+/// later read of one block be verified alone. Not used to verify whole chunks: hashed as 4 KiB
+/// blocks a chunk costs 1.8x as much as in one go (measured: 67 µs against 37 µs per 256 KiB).
+pub const BLOCK_LOG2: u8 = 12;
+pub const BLOCK_SIZE: usize = 1 << BLOCK_LOG2;
+const BLOCKS_PER_PIECE: usize = PIECE_SIZE / BLOCK_SIZE;
 
 /// How a file of `size` bytes is cut into chunks of `2^chunk_log2` bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,12 +206,58 @@ fn piece_cvs(geom: &Geometry, index: u64, data: &[u8]) -> Option<Vec<Cv>> {
     Some(data.chunks(PIECE_SIZE).enumerate().map(|(i, p)| cv_at(base + (i * PIECE_SIZE) as u64, p)).collect())
 }
 
-/// Bytes of whole pieces of one chunk, each hashed at its offset and matched against the piece
-/// CVs of that chunk as it was verified. What a partial read of the disk cache serves.
+/// The CVs of the 4 KiB blocks of one piece: made only by [`VerifiedSpan::verify`], from bytes
+/// whose block CVs merged into the piece's proven CV, so a block checked against them is as good
+/// as the piece.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockCvs {
+    chunk: u64,
+    piece: usize,
+    /// How many blocks the piece has (fewer than four only in a short last piece).
+    n: usize,
+    cvs: [Cv; BLOCKS_PER_PIECE],
+}
+
+impl BlockCvs {
+    /// The chunk the piece is in.
+    pub fn chunk(&self) -> u64 {
+        self.chunk
+    }
+
+    /// Which piece of the chunk.
+    pub fn piece(&self) -> usize {
+        self.piece
+    }
+
+    /// How many blocks the piece has.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+/// Bytes of one chunk's whole pieces, or of whole blocks of one piece, each hashed at its offset
+/// and matched against the piece CVs of that chunk as it was verified (or the block CVs of that
+/// piece). What a partial read of the disk cache serves.
 pub struct VerifiedSpan {
     /// File offset of the first byte.
     offset: u64,
     data: Vec<u8>,
+    /// The block CVs of the pieces verified (none when the span was verified as blocks).
+    blocks: Vec<BlockCvs>,
+}
+
+/// The CV of `data` at `offset` hashed as its 4 KiB blocks (their CVs pushed to `out`), merged.
+fn cv_by_blocks(offset: u64, data: &[u8], out: &mut [Cv; BLOCKS_PER_PIECE]) -> (Cv, usize) {
+    let mut n = 0;
+    for (i, b) in data.chunks(BLOCK_SIZE).enumerate() {
+        out[i] = cv_at(offset + (i * BLOCK_SIZE) as u64, b);
+        n += 1;
+    }
+    (tree::from_leaves(&out[..n], false), n)
 }
 
 impl VerifiedSpan {
@@ -219,13 +275,45 @@ impl VerifiedSpan {
             return Err(ChunkError::Mismatch);
         }
         let offset = geom.chunk_offset(pieces.index) + start as u64;
+        let mut blocks = Vec::with_capacity(n);
         for (i, p) in data.chunks(PIECE_SIZE).enumerate() {
-            let cv = cv_at(offset + (i * PIECE_SIZE) as u64, p);
+            let mut cvs = [[0; 32]; BLOCKS_PER_PIECE];
+            let (cv, nb) = cv_by_blocks(offset + (i * PIECE_SIZE) as u64, p, &mut cvs);
             if blake3::Hash::from(cv) != blake3::Hash::from(pieces.cvs[first + i]) {
                 return Err(ChunkError::Mismatch);
             }
+            blocks.push(BlockCvs { chunk: pieces.index, piece: first + i, n: nb, cvs });
         }
-        Ok(VerifiedSpan { offset, data })
+        Ok(VerifiedSpan { offset, data, blocks })
+    }
+
+    /// Check `data` as blocks `first..` of the piece `blocks` are of (whole blocks; the last may be
+    /// short only if it is the piece's last). `Mismatch` for wrong bytes or length, `OutOfRange`
+    /// for blocks the piece does not have.
+    pub fn verify_blocks(geom: &Geometry, blocks: &BlockCvs, first: usize, data: Vec<u8>) -> Result<Self, ChunkError> {
+        let n = data.len().div_ceil(BLOCK_SIZE);
+        if data.is_empty() || first.checked_add(n).is_none_or(|end| end > blocks.n) {
+            return Err(ChunkError::OutOfRange);
+        }
+        let piece_start = blocks.piece * PIECE_SIZE;
+        let piece_len = geom.chunk_len(blocks.chunk).saturating_sub(piece_start).min(PIECE_SIZE);
+        let start = first * BLOCK_SIZE;
+        if data.len() != piece_len.saturating_sub(start).min(n * BLOCK_SIZE) {
+            return Err(ChunkError::Mismatch);
+        }
+        let offset = geom.chunk_offset(blocks.chunk) + (piece_start + start) as u64;
+        for (i, b) in data.chunks(BLOCK_SIZE).enumerate() {
+            let cv = cv_at(offset + (i * BLOCK_SIZE) as u64, b);
+            if blake3::Hash::from(cv) != blake3::Hash::from(blocks.cvs[first + i]) {
+                return Err(ChunkError::Mismatch);
+            }
+        }
+        Ok(VerifiedSpan { offset, data, blocks: Vec::new() })
+    }
+
+    /// The block CVs of the pieces this span was verified as (see [`BlockCvs`]).
+    pub fn block_cvs(&self) -> &[BlockCvs] {
+        &self.blocks
     }
 
     pub fn offset(&self) -> u64 {

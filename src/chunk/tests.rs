@@ -598,6 +598,51 @@ proptest! {
         prop_assert!(VerifiedSpan::verify(&geom, &p, first, span[..span.len() - 1].to_vec()).is_err(), "short");
         prop_assert!(VerifiedSpan::verify(&geom, &p, np, span).is_err(), "past the chunk");
     }
+
+    /// A span keeps the block CVs of its pieces, and every run of a piece's blocks then verifies
+    /// alone against them; a flipped byte, another block's bytes, a short run or a run past the
+    /// piece do not.
+    #[test]
+    fn blocks_of_a_verified_span_verify_alone(size in 1u64..1_200_000, log2 in 15u8..=18, seed in any::<u64>(), pick in any::<u64>()) {
+        let geom = Geometry::new(size, log2).unwrap();
+        prop_assume!(geom.n_chunks() >= 2);
+        let bytes = data(size as usize, seed);
+        let leaves = leaf_cvs(&geom, &bytes);
+        let idx = pick % geom.n_chunks();
+        let off = geom.chunk_offset(idx) as usize;
+        let chunk = bytes[off..off + geom.chunk_len(idx)].to_vec();
+        let c = VerifiedChunk::verify(&geom, &blake3::hash(&bytes), idx, Some(&leaves[idx as usize]), chunk.clone()).unwrap();
+        let p = c.pieces().unwrap().clone();
+        let np = p.len();
+        let first = (pick >> 32) as usize % np;
+        let n = 1 + (pick >> 16) as usize % (np - first);
+        let span = VerifiedSpan::verify(&geom, &p, first, chunk[first * PIECE_SIZE..((first + n) * PIECE_SIZE).min(chunk.len())].to_vec()).unwrap();
+        prop_assert_eq!(span.block_cvs().len(), n);
+        for (k, b) in span.block_cvs().iter().enumerate() {
+            prop_assert_eq!((b.chunk(), b.piece()), (idx, first + k));
+            let piece = &chunk[b.piece() * PIECE_SIZE..((b.piece() + 1) * PIECE_SIZE).min(chunk.len())];
+            let nb = piece.len().div_ceil(BLOCK_SIZE);
+            prop_assert_eq!(b.n, nb);
+            let fb = (pick >> 8) as usize % nb;
+            let m = 1 + (pick >> 24) as usize % (nb - fb);
+            let run = piece[fb * BLOCK_SIZE..((fb + m) * BLOCK_SIZE).min(piece.len())].to_vec();
+            let v = VerifiedSpan::verify_blocks(&geom, b, fb, run.clone()).unwrap();
+            prop_assert_eq!(v.offset(), (off + b.piece() * PIECE_SIZE + fb * BLOCK_SIZE) as u64);
+            prop_assert_eq!(v.bytes(), &run[..]);
+            prop_assert!(v.block_cvs().is_empty());
+            let mut bad = run.clone();
+            let at = (pick as usize >> 3) % bad.len();
+            bad[at] ^= 0x40;
+            prop_assert!(VerifiedSpan::verify_blocks(&geom, b, fb, bad).is_err(), "a flipped byte");
+            if nb > 1 && run.len() == BLOCK_SIZE {
+                let other = if fb == 0 { 1 } else { 0 };
+                prop_assert!(VerifiedSpan::verify_blocks(&geom, b, other, run.clone()).is_err(), "another block's bytes");
+            }
+            prop_assert!(VerifiedSpan::verify_blocks(&geom, b, fb, run[..run.len() - 1].to_vec()).is_err(), "short");
+            prop_assert!(VerifiedSpan::verify_blocks(&geom, b, nb, run.clone()).is_err(), "past the piece");
+            prop_assert!(VerifiedSpan::verify_blocks(&geom, b, fb, Vec::new()).is_err(), "empty");
+        }
+    }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use lru::LruCache;
 
 use super::Source;
-use crate::chunk::{PieceCvs, VerifiedChunk};
+use crate::chunk::{BlockCvs, PieceCvs, VerifiedChunk};
 use crate::error::Error;
 
 enum State<V> {
@@ -193,6 +193,9 @@ pub struct ChunkLru {
     /// The piece CVs of chunks verified before, kept after their bytes leave memory, so that a
     /// small read of one from the disk cache can be verified without reading the whole chunk.
     pieces: Mutex<ByteLru<ChunkKey, PieceCvs>>,
+    /// The block CVs of pieces read alone before, so that a read of one 4 KiB block of them
+    /// reads and verifies only that block.
+    blocks: Mutex<ByteLru<(ChunkKey, usize), BlockCvs>>,
 }
 
 /// Bytes of piece CVs remembered: 65,536 chunks at 256 KiB (16 GiB of file data), 1,024 at
@@ -202,11 +205,31 @@ const PIECE_BYTES: u64 = 32 << 20;
 /// What an entry costs besides its values (key, LRU links, the shared allocation's header).
 const PIECE_ENTRY_COST: u64 = 96;
 
+/// Bytes of block CVs remembered: 32 MiB, ~123,000 pieces (1.9 GiB of file read at random).
+const BLOCK_BYTES: u64 = 32 << 20;
+/// What an entry costs: the key and four values (208 bytes), the LRU's links, the allocation's
+/// rounding and the hash table's slot.
+const BLOCK_ENTRY_COST: u64 = 272;
+
 impl ChunkLru {
     pub fn new(limit: u64) -> Self {
         ChunkLru {
             inner: Mutex::new(ByteLru::new(limit, |t: &Tagged| t.0.mem_cost() as u64)),
             pieces: Mutex::new(ByteLru::new(PIECE_BYTES, |p: &PieceCvs| p.len() as u64 * 32 + PIECE_ENTRY_COST)),
+            blocks: Mutex::new(ByteLru::new(BLOCK_BYTES, |_| BLOCK_ENTRY_COST)),
+        }
+    }
+
+    /// The block CVs of piece `piece` of chunk `k`, if it was read alone recently.
+    pub fn blocks(&self, k: &ChunkKey, piece: usize) -> Option<BlockCvs> {
+        self.blocks.lock().unwrap().lru.get(&(*k, piece)).copied()
+    }
+
+    /// Remember the block CVs a span was verified through.
+    pub fn put_blocks(&self, k: ChunkKey, b: &[BlockCvs]) {
+        let mut g = self.blocks.lock().unwrap();
+        for b in b {
+            g.put((k, b.piece()), *b);
         }
     }
 
@@ -279,6 +302,29 @@ mod tests {
 
     /// Piece values are bounded in bytes: 16 MiB chunks (1,024 pieces each) keep at most what
     /// fits in `PIECE_BYTES`, the most recent ones.
+    /// Block values are bounded in bytes, the most recent kept, and an entry's cost covers at
+    /// least its key, its values and the LRU's two links.
+    #[test]
+    fn block_values_stay_within_their_bytes() {
+        let need = std::mem::size_of::<((ChunkKey, usize), BlockCvs)>() + 16;
+        assert!(BLOCK_ENTRY_COST as usize >= need, "{need}");
+        let g = Geometry::new(1 << 20, 18).unwrap();
+        let data = vec![5u8; 1 << 18];
+        let c = VerifiedChunk::verify(&g, &blake3::hash(b"unused"), 0, Some(&crate::chunk::chunk_cv(&g, 0, &data)), data.clone()).unwrap();
+        let span = crate::chunk::VerifiedSpan::verify(&g, c.pieces().unwrap(), 0, data).unwrap();
+        assert_eq!(span.block_cvs().len(), 16);
+        let lru = ChunkLru::new(0);
+        let n = BLOCK_BYTES / BLOCK_ENTRY_COST;
+        for i in 0..n / 16 + 100 {
+            lru.put_blocks(([2; 32], 18, i), span.block_cvs());
+        }
+        assert!(lru.blocks(&([2; 32], 18, n / 16 + 99), 15).is_some());
+        assert!(lru.blocks(&([2; 32], 18, 0), 0).is_none(), "the oldest went first");
+        assert!(lru.blocks(&([2; 32], 18, 0), 16).is_none());
+        let g = lru.blocks.lock().unwrap();
+        assert!(g.bytes <= BLOCK_BYTES && g.lru.len() as u64 == n, "{} {}", g.bytes, g.lru.len());
+    }
+
     #[test]
     fn piece_values_stay_within_their_bytes() {
         let g = Geometry::new((16 << 20) + 1, 24).unwrap();

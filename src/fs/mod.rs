@@ -676,6 +676,7 @@ impl Fs {
                 let _ = writeln!(s, "cache_misses {m}");
                 let _ = writeln!(s, "bytes_from_cache {}", g(&st.bytes_from_cache));
                 let _ = writeln!(s, "cache_span_reads {}", g(&st.span_reads));
+                let _ = writeln!(s, "cache_block_reads {}", g(&st.block_reads));
                 let _ = writeln!(s, "cache_chunks_written {}", g(&st.chunks_written));
                 let _ = writeln!(s, "cache_bytes_written {}", g(&st.bytes_written));
                 let _ = writeln!(s, "cache_not_admitted {}", g(&st.not_admitted));

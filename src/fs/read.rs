@@ -11,7 +11,7 @@ use lru::LruCache;
 
 use super::flight::{ChunkKey, SingleFlight};
 use super::{Ctx, Fs, Handle, Source};
-use crate::chunk::{verify_leaves, Cv, VerifiedChunk, VerifiedSpan, PIECE_LOG2};
+use crate::chunk::{verify_leaves, Cv, VerifiedChunk, VerifiedSpan, BLOCK_LOG2, PIECE_LOG2, PIECE_SIZE};
 use crate::error::{Error, Result};
 use crate::proto::msg::{Request, Response};
 
@@ -232,23 +232,36 @@ impl ReadData {
 
 /// A small read that is not sequential, of a chunk that is not in memory but on disk, whose piece
 /// CVs are known (remembered from this mount, or stored beside the data and proven): read and
-/// verify only the pieces it covers.
+/// verify only the pieces it covers, or, within one piece read so before, only its 4 KiB blocks
+/// that it covers.
 fn span_read(fs: &Fs, h: &Handle, idx: u64, offset: u64, end: u64) -> Option<ReadData> {
     let disk = fs.disk.as_ref()?;
     let key = ckey(h, idx);
     if end - offset > SPAN_MAX || fs.chunks.contains(&key) {
         return None;
     }
-    // Remembered from this mount, or stored beside the data and checked against the proven leaf.
-    let pieces = fs.chunks.pieces(&key).or_else(|| {
-        let p = disk.stored_pieces(&h.info.root, &h.geom, idx)?;
-        fs.chunks.put_pieces(key, p.clone());
-        Some(p)
-    })?;
     let base = h.geom.chunk_offset(idx);
     let first = ((offset - base) >> PIECE_LOG2) as usize;
     let last = ((end - 1 - base) >> PIECE_LOG2) as usize;
-    let span = disk.load_span(&h.info.root, &h.geom, &pieces, first, last - first + 1)?;
+    let span = match fs.chunks.blocks(&key, first).filter(|_| first == last) {
+        Some(b) => {
+            let in_piece = (offset - base) as usize - first * PIECE_SIZE;
+            let (fb, lb) = (in_piece >> BLOCK_LOG2, (in_piece + (end - offset) as usize - 1) >> BLOCK_LOG2);
+            disk.load_blocks(&h.info.root, &h.geom, &b, fb, lb - fb + 1)?
+        }
+        None => {
+            // Remembered from this mount, or stored beside the data and checked against the
+            // proven leaf.
+            let pieces = fs.chunks.pieces(&key).or_else(|| {
+                let p = disk.stored_pieces(&h.info.root, &h.geom, idx)?;
+                fs.chunks.put_pieces(key, p.clone());
+                Some(p)
+            })?;
+            let s = disk.load_span(&h.info.root, &h.geom, &pieces, first, last - first + 1)?;
+            fs.chunks.put_blocks(key, s.block_cvs());
+            s
+        }
+    };
     let (from, to) = ((offset - span.offset()) as usize, (end - span.offset()) as usize);
     if to > span.bytes().len() {
         return None;

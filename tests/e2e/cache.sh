@@ -199,9 +199,38 @@ if cmount span "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
     umount_ok span "$M"
 fi
 expect "span: piece values are stored beside the data file" [ -s "$(data_file "$CACHE" "$SRC/big.bin").pcv" ]
+# Every 4 KiB block of chunks 2, 6, ..., 22, O_DIRECT, twice, in a shuffled order that never
+# reads within a chunk of the last read (that would be taken for a stream and read whole).
+blocks_twice() {
+    timeout 120 python3 - "$1" "$2" "$3" <<'PY'
+import mmap, os, random, sys
+src, dst, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
+a = open(src, "rb").read()
+fd = os.open(dst, os.O_RDONLY | os.O_DIRECT)
+buf = mmap.mmap(-1, 4096)
+blocks = list(range(0, chunk, 4096))
+for seed in (1, 2):
+    random.Random(seed).shuffle(blocks)
+    for b in blocks:
+        for c in range(2, 23, 4):
+            off = c * chunk + b
+            assert os.preadv(fd, [buf], off) == 4096, off
+            assert buf[:] == a[off:off + 4096], ("wrong bytes", off)
+PY
+}
 if cmount span2 "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
-    check "span: after a remount, 400 random reads are right at once" randread "$SRC/big.bin" "$M/big.bin" 3
-    expect "span: ... served from pieces, with the stored piece values" gt "$(stat_of "$M" cache_span_reads)" 100
+    check "span: after a remount, every 4 KiB block of six chunks read twice at random is right" blocks_twice "$SRC/big.bin" "$M/big.bin" "$CHUNK"
+    # 6 x 16 pieces read whole the first time each, then 6 x 48 + 6 x 64 lone blocks.
+    expect "span: ... the blocks of a piece read before were read alone" gt "$(stat_of "$M" cache_block_reads)" 600
+    flip "$(data_file "$CACHE" "$SRC/big.bin")" $((22 * CHUNK + 5 * 4096 + 9))
+    vf=$(stat_of "$M" cache_verify_failures)
+    check "span: a damaged block read alone is detected and fetched again: its bytes are right" \
+        cmp <(timeout 20 dd if="$M/big.bin" iflag=direct bs=4096 skip=$((22 * 64 + 5)) count=1 status=none) \
+        <(dd if="$SRC/big.bin" bs=4096 skip=$((22 * 64 + 5)) count=1 status=none)
+    expect "span: ... the damaged block failed verification" gt "$(stat_of "$M" cache_verify_failures)" "$vf"
+    sr=$(stat_of "$M" cache_span_reads)
+    check "span: after a remount, 400 random reads are right" randread "$SRC/big.bin" "$M/big.bin" 3
+    expect "span: ... served from pieces, with the stored piece values" gt "$(( $(stat_of "$M" cache_span_reads) - ${sr:-0} ))" 100
     umount_ok span2 "$M"
 fi
 
