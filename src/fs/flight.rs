@@ -300,8 +300,6 @@ mod tests {
         assert!(c.bytes() <= 10_000);
     }
 
-    /// Piece values are bounded in bytes: 16 MiB chunks (1,024 pieces each) keep at most what
-    /// fits in `PIECE_BYTES`, the most recent ones.
     /// Block values are bounded in bytes, the most recent kept, and an entry's cost covers at
     /// least its key, its values and the LRU's two links.
     #[test]
@@ -325,6 +323,8 @@ mod tests {
         assert!(g.bytes <= BLOCK_BYTES && g.lru.len() as u64 == n, "{} {}", g.bytes, g.lru.len());
     }
 
+    /// Piece values are bounded in bytes: 16 MiB chunks (1,024 pieces each) keep at most what
+    /// fits in `PIECE_BYTES`, the most recent ones.
     #[test]
     fn piece_values_stay_within_their_bytes() {
         let g = Geometry::new((16 << 20) + 1, 24).unwrap();

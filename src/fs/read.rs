@@ -232,8 +232,8 @@ impl ReadData {
 
 /// A small read that is not sequential, of a chunk that is not in memory but on disk, whose piece
 /// CVs are known (remembered from this mount, or stored beside the data and proven): read and
-/// verify only the pieces it covers, or, within one piece read so before, only its 4 KiB blocks
-/// that it covers.
+/// verify only the pieces it covers, or, when it lies in one piece read that way before, only the
+/// 4 KiB blocks it covers.
 fn span_read(fs: &Fs, h: &Handle, idx: u64, offset: u64, end: u64) -> Option<ReadData> {
     let disk = fs.disk.as_ref()?;
     let key = ckey(h, idx);
@@ -243,7 +243,7 @@ fn span_read(fs: &Fs, h: &Handle, idx: u64, offset: u64, end: u64) -> Option<Rea
     let base = h.geom.chunk_offset(idx);
     let first = ((offset - base) >> PIECE_LOG2) as usize;
     let last = ((end - 1 - base) >> PIECE_LOG2) as usize;
-    let span = match fs.chunks.blocks(&key, first).filter(|_| first == last) {
+    let span = match (first == last).then(|| fs.chunks.blocks(&key, first)).flatten() {
         Some(b) => {
             let in_piece = (offset - base) as usize - first * PIECE_SIZE;
             let (fb, lb) = (in_piece >> BLOCK_LOG2, (in_piece + (end - offset) as usize - 1) >> BLOCK_LOG2);
