@@ -325,10 +325,22 @@ fn a_span_of_pieces_is_read_alone_and_verified() {
 
 #[test]
 fn a_block_of_a_piece_read_before_is_read_alone_and_verified() {
+    block_reads(false);
+}
+
+#[test]
+fn a_block_read_alone_with_the_forced_pread_fallback() {
+    block_reads(true);
+}
+
+fn block_reads(force_sync: bool) {
     let d = tempfile::tempdir().unwrap();
     // 64 KiB chunks; the last is 10,000 bytes: one short piece of three blocks, the last short.
     let f = TestFile::new(3 * 65536 + 10_000, 6);
-    let s = Store::open(&cfg(d.path(), 64 << 20, false)).unwrap();
+    let s = Store::open(&cfg(d.path(), 64 << 20, force_sync)).unwrap();
+    if force_sync {
+        assert_eq!(s.mode(), Mode::Sync);
+    }
     f.fill(&s);
     let pieces = s.load(&f.root, &f.geom, 1, || Ok(f.cv(1))).unwrap().pieces().unwrap().clone();
     let span = s.load_span(&f.root, &f.geom, &pieces, 2, 2).unwrap();
