@@ -250,7 +250,8 @@ pub struct VerifiedSpan {
     blocks: Vec<BlockCvs>,
 }
 
-/// The CV of `data` at `offset` hashed as its 4 KiB blocks (their CVs pushed to `out`), merged.
+/// The CV of `data` at `offset` hashed as its 4 KiB blocks (their CVs written to `out`, their
+/// number returned beside it), merged.
 fn cv_by_blocks(offset: u64, data: &[u8], out: &mut [Cv; BLOCKS_PER_PIECE]) -> (Cv, usize) {
     let mut n = 0;
     for (i, b) in data.chunks(BLOCK_SIZE).enumerate() {
