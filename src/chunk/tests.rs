@@ -562,6 +562,18 @@ proptest! {
     }
 }
 
+/// Chunk `pick % n_chunks` of a file of random bytes (two chunks or more) cut as `geom` says,
+/// verified against its leaf value: its file offset, its bytes and the verified chunk.
+fn a_verified_chunk(geom: &Geometry, seed: u64, pick: u64) -> (usize, Vec<u8>, VerifiedChunk) {
+    let bytes = data(geom.size as usize, seed);
+    let leaves = leaf_cvs(geom, &bytes);
+    let idx = pick % geom.n_chunks();
+    let off = geom.chunk_offset(idx) as usize;
+    let chunk = bytes[off..off + geom.chunk_len(idx)].to_vec();
+    let c = VerifiedChunk::verify(geom, &blake3::hash(&bytes), idx, Some(&leaves[idx as usize]), chunk.clone()).unwrap();
+    (off, chunk, c)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -571,13 +583,7 @@ proptest! {
     fn pieces_verify_like_the_whole_chunk(size in 1u64..2_000_000, log2 in 15u8..=19, seed in any::<u64>(), pick in any::<u64>()) {
         let geom = Geometry::new(size, log2).unwrap();
         prop_assume!(geom.n_chunks() >= 2);
-        let bytes = data(size as usize, seed);
-        let leaves = leaf_cvs(&geom, &bytes);
-        let idx = pick % geom.n_chunks();
-        let off = geom.chunk_offset(idx) as usize;
-        let chunk = bytes[off..off + geom.chunk_len(idx)].to_vec();
-        let root = blake3::hash(&bytes);
-        let c = VerifiedChunk::verify(&geom, &root, idx, Some(&leaves[idx as usize]), chunk.clone()).unwrap();
+        let (off, chunk, c) = a_verified_chunk(&geom, seed, pick);
         let p = c.pieces().expect("a chunk larger than a piece has pieces").clone();
         let np = chunk.len().div_ceil(PIECE_SIZE);
         prop_assert_eq!(p.cvs.len(), np);
@@ -606,12 +612,8 @@ proptest! {
     fn blocks_of_a_verified_span_verify_alone(size in 1u64..1_200_000, log2 in 15u8..=18, seed in any::<u64>(), pick in any::<u64>()) {
         let geom = Geometry::new(size, log2).unwrap();
         prop_assume!(geom.n_chunks() >= 2);
-        let bytes = data(size as usize, seed);
-        let leaves = leaf_cvs(&geom, &bytes);
-        let idx = pick % geom.n_chunks();
-        let off = geom.chunk_offset(idx) as usize;
-        let chunk = bytes[off..off + geom.chunk_len(idx)].to_vec();
-        let c = VerifiedChunk::verify(&geom, &blake3::hash(&bytes), idx, Some(&leaves[idx as usize]), chunk.clone()).unwrap();
+        let (off, chunk, c) = a_verified_chunk(&geom, seed, pick);
+        let idx = c.index();
         let p = c.pieces().unwrap().clone();
         let np = p.len();
         let first = (pick >> 32) as usize % np;

@@ -171,17 +171,32 @@ rm -f "$SRC/stream.bin"
 
 # --- random small reads: a few verified pieces of a chunk, not the whole chunk ---------------
 flip() { printf '\x5a' | dd of="$1" bs=1 seek="$2" conv=notrunc status=none; }
-randread() {
-    timeout 120 python3 - "$1" "$2" "$3" <<'PY'
+# reads SRC DST random SEED: 400 reads of 4-64 KiB at random 4 KiB offsets.
+# reads SRC DST blocks CHUNK: every 4 KiB block of chunks 2, 6, ..., 22, twice, in a shuffled
+# order that never reads within a chunk of the last read (that would be taken for a stream and
+# read whole).
+# All O_DIRECT, each checked against SRC.
+reads() {
+    timeout 120 python3 - "$@" <<'PY'
 import mmap, os, random, sys
-src, dst, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+src, dst, mode, arg = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 a = open(src, "rb").read()
 fd = os.open(dst, os.O_RDONLY | os.O_DIRECT)
 buf = mmap.mmap(-1, 65536)
-r = random.Random(seed)
-for _ in range(400):
-    n = r.choice([4096, 8192, 16384, 32768, 65536])
-    off = r.randrange(0, len(a)) // 4096 * 4096
+def plan():
+    if mode == "random":
+        r = random.Random(arg)
+        for _ in range(400):
+            n = r.choice([4096, 8192, 16384, 32768, 65536])
+            yield r.randrange(0, len(a)) // 4096 * 4096, n
+    else:
+        blocks = list(range(0, arg, 4096))
+        for seed in (1, 2):
+            random.Random(seed).shuffle(blocks)
+            for b in blocks:
+                for c in range(2, 23, 4):
+                    yield c * arg + b, 4096
+for off, n in plan():
     got = os.preadv(fd, [memoryview(buf)[:n]], off)
     assert got == min(n, len(a) - off), (off, n, got)
     assert buf[:got] == a[off:off + got], ("wrong bytes", off, n)
@@ -189,37 +204,18 @@ PY
 }
 if cmount span "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
     timeout 60 cat "$M/big.bin" >/dev/null # every chunk verified once: their piece CVs are known
-    check "span: 400 random O_DIRECT reads (4-64 KiB) read the right bytes" randread "$SRC/big.bin" "$M/big.bin" 1
+    check "span: 400 random O_DIRECT reads (4-64 KiB) read the right bytes" reads "$SRC/big.bin" "$M/big.bin" random 1
     expect "span: served from pieces of chunks in the disk cache" gt "$(stat_of "$M" cache_span_reads)" 100
     expect "span: ... read on the FUSE threads' own io_uring rings" gt "$(stat_of "$M" cache_thread_ring_reads)" 100
     SPAND=$(data_file "$CACHE" "$SRC/big.bin")
     for at in 1 5 9 13 17 21; do flip "$SPAND" $((at * CHUNK + 3 * 16384 + 77)) 2>/dev/null; done
-    check "span: with six damaged pieces on disk, 400 more random reads are still right" randread "$SRC/big.bin" "$M/big.bin" 2
+    check "span: with six damaged pieces on disk, 400 more random reads are still right" reads "$SRC/big.bin" "$M/big.bin" random 2
     expect "span: the damage was detected" gt "$(stat_of "$M" cache_verify_failures)" 0
     umount_ok span "$M"
 fi
 expect "span: piece values are stored beside the data file" [ -s "$(data_file "$CACHE" "$SRC/big.bin").pcv" ]
-# Every 4 KiB block of chunks 2, 6, ..., 22, O_DIRECT, twice, in a shuffled order that never
-# reads within a chunk of the last read (that would be taken for a stream and read whole).
-blocks_twice() {
-    timeout 120 python3 - "$1" "$2" "$3" <<'PY'
-import mmap, os, random, sys
-src, dst, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
-a = open(src, "rb").read()
-fd = os.open(dst, os.O_RDONLY | os.O_DIRECT)
-buf = mmap.mmap(-1, 4096)
-blocks = list(range(0, chunk, 4096))
-for seed in (1, 2):
-    random.Random(seed).shuffle(blocks)
-    for b in blocks:
-        for c in range(2, 23, 4):
-            off = c * chunk + b
-            assert os.preadv(fd, [buf], off) == 4096, off
-            assert buf[:] == a[off:off + 4096], ("wrong bytes", off)
-PY
-}
 if cmount span2 "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
-    check "span: after a remount, every 4 KiB block of six chunks read twice at random is right" blocks_twice "$SRC/big.bin" "$M/big.bin" "$CHUNK"
+    check "span: after a remount, every 4 KiB block of six chunks read twice at random is right" reads "$SRC/big.bin" "$M/big.bin" blocks "$CHUNK"
     # 6 x 16 pieces read whole the first time each, then 6 x 48 + 6 x 64 lone blocks.
     expect "span: ... the blocks of a piece read before were read alone" gt "$(stat_of "$M" cache_block_reads)" 600
     flip "$(data_file "$CACHE" "$SRC/big.bin")" $((22 * CHUNK + 5 * 4096 + 9))
@@ -229,7 +225,7 @@ if cmount span2 "$M" "$OPTS,nopassthrough,mem_cache=1M"; then
         <(dd if="$SRC/big.bin" bs=4096 skip=$((22 * 64 + 5)) count=1 status=none)
     expect "span: ... the damaged block failed verification" gt "$(stat_of "$M" cache_verify_failures)" "$vf"
     sr=$(stat_of "$M" cache_span_reads)
-    check "span: after a remount, 400 random reads are right" randread "$SRC/big.bin" "$M/big.bin" 3
+    check "span: after a remount, 400 random reads are right" reads "$SRC/big.bin" "$M/big.bin" random 3
     expect "span: ... served from pieces, with the stored piece values" gt "$(( $(stat_of "$M" cache_span_reads) - ${sr:-0} ))" 100
     umount_ok span2 "$M"
 fi
