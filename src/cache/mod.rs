@@ -41,7 +41,7 @@ pub struct Stats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
     pub bytes_from_cache: AtomicU64,
-    /// Partial reads: a few pieces of a chunk read and verified alone.
+    /// Partial reads: a few pieces of a chunk, or blocks of a piece, read and verified alone.
     pub span_reads: AtomicU64,
     /// Of those, reads of a few 4 KiB blocks of a piece, verified against its block CVs.
     pub block_reads: AtomicU64,
